@@ -1,0 +1,7 @@
+"""Allow `python -m mmalign`."""
+
+import sys
+
+from mmalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""Command-line interface: `mmalign run CONFIG [--output DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mmalign.config import ConfigError, load_config
+
+logger = logging.getLogger("mmalign")
+
+
+def _configure_logging(level: str, log_file: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    overrides = {"output_dir": str(args.output)} if args.output else {}
+    config = load_config(args.config, overrides)
+    run_dir = Path(config.output_dir) / config.name
+    _configure_logging(args.log_level, run_dir / "run.log")
+    logger.info("run %s: writing to %s", config.name, run_dir)
+
+    from mmalign.pipeline import run_pipeline
+
+    result = run_pipeline(config, run_dir)
+    timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.stage_seconds.items())
+    logger.info("stage wall times: %s", timings)
+    print(f"report:  {result.report_path}")
+    print(f"results: {result.results_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description="Measure where vision-encoder tokens become language-like inside a frozen LM.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level (default INFO).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="Train an adapter, fit SAE probes, evaluate every layer and write the report.")
+    run.add_argument("config", type=Path, help="YAML run config, e.g. configs/demo.yaml.")
+    run.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made (default: the config's output_dir, 'runs').")
+    run.set_defaults(handler=_command_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        logger.error("%s", error) if logger.handlers else None
+        print(f"mmalign: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmalign: interrupted; finished stages are kept and a rerun continues from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Run configuration: pydantic models loaded from YAML and validated once at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file that is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VisionEncoderConfig(_Section):
+    """The frozen vision encoder and how images are fed to it."""
+
+    spec: str = Field("bundled:dinov2-small", description="Loader spec: bundled:NAME, hf:PATH_OR_REPO or open_clip:ARCH@PRETRAINED.")
+    image_size: int = Field(224, ge=14, le=1024, description="Square input size in pixels.")
+    batch_size: int = Field(16, ge=1, description="Images per encoder forward pass.")
+
+
+class LMConfig(_Section):
+    """The frozen language model."""
+
+    spec: str = Field("bundled:smollm2-135m", description="Loader spec: bundled:NAME, hf:PATH_OR_REPO or gguf:PATH.")
+
+
+class DataConfig(_Section):
+    """The image-caption dataset and its train/validation split."""
+
+    spec: str = Field("tuxpaint", description="Dataset spec: tuxpaint, samples or folder:PATH.")
+    exclude_categories: list[str] = Field(default_factory=lambda: ["symbols"], description="Tux Paint categories to leave out.")
+    max_images: int | None = Field(None, ge=2, description="Keep at most this many images (a seeded random subset).")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of images held out for validation and evaluation.")
+
+
+class AdapterConfig(_Section):
+    """The adapter from vision-encoder tokens to LM input embeddings, and the prompt around it."""
+
+    kind: Literal["linear"] = Field("linear", description="Adapter architecture.")
+    pooled_grid: int = Field(4, ge=1, description="The patch grid is average-pooled to pooled_grid x pooled_grid tokens.")
+    keep_cls: bool = Field(True, description="Prepend the encoder's CLS token to the pooled patch tokens.")
+    prompt_prefix: str = Field("", description="Text placed between the visual tokens and the caption, e.g. 'A picture of'.")
+
+
+class TrainConfig(_Section):
+    """Adapter training with AdamW, linear warmup and cosine decay."""
+
+    steps: int = Field(120, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Image-caption pairs per step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_fraction: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
+    max_caption_tokens: int = Field(32, ge=2, description="Captions are truncated to this many tokens (the end-of-text token included).")
+
+
+class ProbesConfig(_Section):
+    """SAE probes fitted on the LM's residual stream over real text."""
+
+    layers: list[int] | Literal["default"] = Field("default", description="LM layers to probe; 'default' is every third layer and the last.")
+    d_sae: int = Field(2048, ge=8, description="Number of SAE latents.")
+    l1_coefficient: float = Field(5.0, ge=0.0, description="L1 sparsity penalty of the ReLU SAE (inputs scaled to mean squared norm d_model).")
+    steps: int = Field(300, ge=1, description="SAE optimizer steps per layer.")
+    batch_tokens: int = Field(1024, ge=8, description="Activations per SAE optimizer step.")
+    lr: float = Field(3e-4, gt=0.0, description="SAE learning rate (Adam).")
+    wordnet_glosses: int = Field(3000, ge=0, description="WordNet glosses added to the fitting text (0 disables WordNet).")
+    max_text_tokens: int = Field(48, ge=4, description="Fitting texts are truncated to this many tokens.")
+    lm_batch_size: int = Field(32, ge=1, description="Texts per LM forward pass when collecting activations.")
+
+
+class EvalConfig(_Section):
+    """Per-layer evaluation on the validation split."""
+
+    batch_size: int = Field(16, ge=1, description="Image-caption pairs per LM forward pass.")
+    n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples over images for confidence intervals.")
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals.")
+
+
+class RunConfig(_Section):
+    """One invocation of `mmalign run`: every stage's settings."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the run directory is OUTPUT/NAME.")
+    seed: int = Field(0, description="Seed for every random choice.")
+    output_dir: str = Field("runs", description="Directory under which the run directory is made.")
+    vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
+    lm: LMConfig = Field(default_factory=LMConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("probes")
+    @classmethod
+    def _check_layers(cls, probes: ProbesConfig) -> ProbesConfig:
+        if isinstance(probes.layers, list) and not probes.layers:
+            raise ValueError("probes.layers is an empty list; give layer indices or 'default'")
+        return probes
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; remove it or check the spelling"
+        lines.append(f"  {field} = {value!r}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a config mapping.
+
+    Raises:
+        ConfigError: naming each invalid field, its value and what is accepted.
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a YAML run config.
+
+    Args:
+        path: The YAML file.
+        overrides: Top-level keys that replace the file's values (for example `output_dir`).
+
+    Raises:
+        ConfigError: when the file is missing, is not a YAML mapping or fails validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; presets are in configs/ (demo.yaml, quick.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of sections, found {type(data).__name__}")
+    data.update(overrides or {})
+    return parse_config(data, source=str(path))
