@@ -8,15 +8,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
 
-from mmalign.adapters.linear import LinearAdapter
+from mmalign.adapters.base import Adapter
+from mmalign.adapters.registry import build_adapter
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
-ADAPTER_KINDS = {"linear": LinearAdapter}
 
 
 class CheckpointError(ValueError):
@@ -43,7 +43,9 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def save_checkpoint(adapter: LinearAdapter, directory: Path, metadata: dict[str, Any]) -> Path:
+def save_checkpoint(
+    adapter: Adapter, directory: Path, metadata: dict[str, Any], write_extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write an adapter checkpoint atomically: a temp directory is renamed into place.
 
     Args:
@@ -51,6 +53,8 @@ def save_checkpoint(adapter: LinearAdapter, directory: Path, metadata: dict[str,
         directory: Target directory (replaced if it exists).
         metadata: Provenance stored in `adapter_config.json` next to the adapter's shape:
             vision encoder, LM, prompt, training step, dataset fingerprint.
+        write_extra: Called with the staging directory to add files (training state)
+            before the directory is renamed into place.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +69,8 @@ def save_checkpoint(adapter: LinearAdapter, directory: Path, metadata: dict[str,
         tensors = {name: tensor.detach().contiguous() for name, tensor in adapter.state_dict().items()}
         save_file(tensors, staging / WEIGHTS_NAME)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        if write_extra is not None:
+            write_extra(staging)
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
             os.replace(directory, old)
@@ -78,7 +84,7 @@ def save_checkpoint(adapter: LinearAdapter, directory: Path, metadata: dict[str,
     return directory
 
 
-def load_checkpoint(directory: Path, expect_vision: dict[str, Any] | None = None, expect_lm: dict[str, Any] | None = None) -> tuple[LinearAdapter, dict[str, Any]]:
+def load_checkpoint(directory: Path, expect_vision: dict[str, Any] | None = None, expect_lm: dict[str, Any] | None = None) -> tuple[Adapter, dict[str, Any]]:
     """Load an adapter checkpoint (safetensors only; nothing is unpickled).
 
     Args:
@@ -98,8 +104,8 @@ def load_checkpoint(directory: Path, expect_vision: dict[str, Any] | None = None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         shape = config["adapter"]
-        adapter_cls = ADAPTER_KINDS[shape["kind"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        adapter = build_adapter(shape)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {directory} has an invalid {CONFIG_NAME}: {error!r}") from None
 
     if expect_vision is not None:
@@ -117,10 +123,6 @@ def load_checkpoint(directory: Path, expect_vision: dict[str, Any] | None = None
                 f"but the run uses {expect_lm['lm_id']!r} (d={expect_lm['d_model']})"
             )
 
-    adapter = adapter_cls(
-        d_vision=shape["d_vision"], d_lm=shape["d_lm"], pooled_grid=shape["pooled_grid"],
-        keep_cls=shape["keep_cls"], has_cls_token=shape["has_cls_token"],
-    )
     try:
         adapter.load_state_dict(load_file(weights_path))
     except (RuntimeError, OSError) as error:

@@ -23,6 +23,7 @@ class VisionEncoderConfig(_Section):
     spec: str = Field("bundled:dinov2-small", description="Loader spec: bundled:NAME, hf:PATH_OR_REPO or open_clip:ARCH@PRETRAINED.")
     image_size: int = Field(224, ge=14, le=1024, description="Square input size in pixels.")
     batch_size: int = Field(16, ge=1, description="Images per encoder forward pass.")
+    layer: int = Field(-1, description="Encoder layer whose output feeds the adapter: -1 the last (after the final norm), -2 the second to last, or an index from 0.")
 
 
 class LMConfig(_Section):
@@ -43,33 +44,46 @@ class DataConfig(_Section):
 class AdapterConfig(_Section):
     """The adapter from vision-encoder tokens to LM input embeddings, and the prompt around it."""
 
-    kind: Literal["linear"] = Field("linear", description="Adapter architecture.")
-    pooled_grid: int = Field(4, ge=1, description="The patch grid is average-pooled to pooled_grid x pooled_grid tokens.")
-    keep_cls: bool = Field(True, description="Prepend the encoder's CLS token to the pooled patch tokens.")
-    prompt_prefix: str = Field("", description="Text placed between the visual tokens and the caption, e.g. 'A picture of'.")
+    kind: Literal["linear", "linear-prefix", "mlp"] = Field(
+        "linear", description="linear: one Linear per token (LLaVA); linear-prefix: pooled vector to k tokens (LiMBeR); mlp: Linear-GELU-Linear (LLaVA-1.5)."
+    )
+    pooled_grid: int | None = Field(4, ge=1, description="The patch grid is average-pooled to pooled_grid x pooled_grid tokens; null keeps the whole grid.")
+    keep_cls: bool = Field(True, description="Prepend the encoder's CLS token to the patch tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the selected encoder tokens during training.")
+    prefix_tokens: int = Field(4, ge=1, description="linear-prefix: number of visual tokens k.")
+    hidden_dim: int | None = Field(None, ge=1, description="mlp: hidden width (default: the LM's d_model).")
+    prompt_style: Literal["plain", "chat"] = Field("plain", description="plain: visual tokens, prefix, caption; chat: the LM's chat template with the image in the user turn.")
+    prompt_prefix: str = Field("", description="plain: text between the visual tokens and the caption, e.g. 'A picture of'.")
+    chat_instruction: str = Field("Describe the image.", description="chat: the user's request after the image.")
 
 
 class TrainConfig(_Section):
     """Adapter training with AdamW, linear warmup and cosine decay."""
 
     steps: int = Field(120, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Image-caption pairs per step.")
+    batch_size: int = Field(16, ge=1, description="Image-caption pairs per optimizer step, over all processes and accumulation steps.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_fraction: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    max_caption_tokens: int = Field(32, ge=2, description="Captions are truncated to this many tokens (the end-of-text token included).")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping by global norm; null disables it.")
+    max_caption_tokens: int = Field(32, ge=2, description="Captions are truncated to this many tokens (the end token included).")
+    eval_every: int = Field(40, ge=0, description="Validation loss and sample captions every this many steps; 0 disables.")
+    save_every: int = Field(40, ge=0, description="Checkpoint every this many steps (step_000040/ ...); 0 saves only final/.")
+    n_sample_captions: int = Field(3, ge=0, description="Validation images captioned at each evaluation.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, none on CPU.")
 
 
 class ProbesConfig(_Section):
     """SAE probes fitted on the LM's residual stream over real text."""
 
     layers: list[int] | Literal["default"] = Field("default", description="LM layers to probe; 'default' is every third layer and the last.")
-    d_sae: int = Field(2048, ge=8, description="Number of SAE latents.")
-    l1_coefficient: float = Field(5.0, ge=0.0, description="L1 sparsity penalty of the ReLU SAE (inputs scaled to mean squared norm d_model).")
-    steps: int = Field(300, ge=1, description="SAE optimizer steps per layer.")
-    batch_tokens: int = Field(1024, ge=8, description="Activations per SAE optimizer step.")
-    lr: float = Field(3e-4, gt=0.0, description="SAE learning rate (Adam).")
-    wordnet_glosses: int = Field(3000, ge=0, description="WordNet glosses added to the fitting text (0 disables WordNet).")
+    d_sae: int = Field(1024, ge=8, description="Number of SAE latents.")
+    l1_coefficient: float = Field(2.0, ge=0.0, description="L1 sparsity penalty of the ReLU SAE (inputs scaled so their mean squared distance from the mean is d_model).")
+    steps: int = Field(250, ge=1, description="SAE optimizer steps per layer.")
+    batch_tokens: int = Field(512, ge=8, description="Activations per SAE optimizer step.")
+    lr: float = Field(1e-3, gt=0.0, description="SAE learning rate (Adam).")
+    wordnet_glosses: int = Field(2000, ge=0, description="WordNet glosses added to the fitting text (0 disables WordNet).")
     max_text_tokens: int = Field(48, ge=4, description="Fitting texts are truncated to this many tokens.")
     lm_batch_size: int = Field(32, ge=1, description="Texts per LM forward pass when collecting activations.")
 

@@ -14,10 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sae_lens import SAE
-from tqdm.auto import tqdm
 
-from mmalign.adapters.compose import compose
-from mmalign.adapters.linear import LinearAdapter
+from mmalign.adapters.base import Adapter
+from mmalign.adapters.compose import PromptTemplate, compose
 from mmalign.capture import capture_resid_post, capture_resid_post_with_loss
 from mmalign.lm import LanguageModel
 from mmalign.probes.metrics import (
@@ -29,6 +28,7 @@ from mmalign.probes.metrics import (
     sae_metrics,
     sae_token_stats,
 )
+from mmalign.progress import progress
 
 logger = logging.getLogger("mmalign.evaluate")
 
@@ -44,6 +44,7 @@ class _GroupAccumulator:
 
     def add(self, hidden: torch.Tensor, mask: torch.Tensor, sae: SAE) -> None:
         """Add one batch: `hidden` is `[B, L, D]`, `mask` selects the group's positions."""
+        hidden, mask = hidden.detach().float().cpu(), mask.cpu()
         n_images = hidden.shape[0]
         tokens = hidden[mask]  # [M, D]
         image_index = torch.arange(n_images).unsqueeze(1).expand_as(mask)[mask]  # [M]
@@ -74,13 +75,13 @@ class TextGroupStates:
 
 
 def collect_text_group(
-    lm: LanguageModel, captions: list[str], probes: dict[int, SAE], prefix: str, max_caption_tokens: int, batch_size: int
+    lm: LanguageModel, captions: list[str], probes: dict[int, SAE], prompt: PromptTemplate, max_caption_tokens: int, batch_size: int
 ) -> TextGroupStates:
     """Run each caption through the LM without an image and accumulate the `text` group."""
     layers = sorted(probes)
     groups = {layer: _GroupAccumulator() for layer in layers}
-    for start in tqdm(range(0, len(captions), batch_size), desc="text group", unit="batch", leave=False):
-        batch = compose(lm, captions[start : start + batch_size], prefix, max_caption_tokens, visual_tokens=None)
+    for start in progress(range(0, len(captions), batch_size), "text group", "batch"):
+        batch = compose(lm, captions[start : start + batch_size], prompt, max_caption_tokens, visual_tokens=None)
         hidden = capture_resid_post(lm, batch, layers)
         for layer in layers:
             groups[layer].add(hidden[layer], batch.caption_mask, probes[layer])
@@ -89,14 +90,14 @@ def collect_text_group(
 
 def evaluate_checkpoint(
     lm: LanguageModel,
-    adapter: LinearAdapter,
+    adapter: Adapter,
     vision_tokens: torch.Tensor,
     captions: list[str],
     probes: dict[int, SAE],
     text_states: TextGroupStates,
     *,
     checkpoint: str,
-    prefix: str,
+    prompt: PromptTemplate,
     max_caption_tokens: int,
     batch_size: int,
     n_bootstrap: int,
@@ -121,11 +122,11 @@ def evaluate_checkpoint(
     image_groups = {layer: _GroupAccumulator() for layer in layers}
     caption_groups = {layer: _GroupAccumulator() for layer in layers}
     loss_sum, token_count = 0.0, 0
-    for start in tqdm(range(0, len(captions), batch_size), desc=f"evaluate {checkpoint}", unit="batch", leave=False):
+    for start in progress(range(0, len(captions), batch_size), f"evaluate {checkpoint}", "batch"):
         stop = min(start + batch_size, len(captions))
         with torch.no_grad():
-            visual = adapter(vision_tokens[start:stop])
-        batch = compose(lm, captions[start:stop], prefix, max_caption_tokens, visual)
+            visual = adapter(vision_tokens[start:stop].to(lm.model.device))
+        batch = compose(lm, captions[start:stop], prompt, max_caption_tokens, visual)
         hidden, loss, n_tokens = capture_resid_post_with_loss(lm, batch, layers)
         loss_sum += float(loss)
         token_count += n_tokens

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from mmalign.data import ImageCaptionDataset
 from mmalign.vision import VisionEncoder
+from mmalign.progress import progress
 
 logger = logging.getLogger("mmalign.features")
 
@@ -67,8 +67,7 @@ def compute_vision_features(
     start = time.perf_counter()
     chunks = []
     indices = list(range(len(dataset)))
-    progress = tqdm(range(0, len(indices), batch_size), desc="vision features", unit="batch", leave=False)
-    for offset in progress:
+    for offset in progress(range(0, len(indices), batch_size), "vision features", "batch"):
         images = [dataset.load_image(i) for i in indices[offset : offset + batch_size]]
         chunks.append(encoder.encode(images).float())
     tokens = torch.cat(chunks).contiguous()  # [N, T, D]

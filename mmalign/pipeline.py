@@ -2,36 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import platform
 import random
-import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 
-from mmalign.adapters.checkpoint import git_commit, load_checkpoint, mmalign_version, save_checkpoint
-from mmalign.adapters.linear import LinearAdapter
-from mmalign.adapters.train import shuffled_pairing, train_adapter, validation_loss
+from mmalign.adapters.base import Adapter
+from mmalign.adapters.checkpoint import git_commit, load_checkpoint, mmalign_version
+from mmalign.adapters.compose import PromptTemplate, build_prompt
+from mmalign.adapters.registry import build_adapter
+from mmalign.adapters.train import TrainingSetup, shuffled_pairing, train_adapter, validation_loss
 from mmalign.assets import cache_dir
 from mmalign.config import RunConfig
 from mmalign.data import ImageCaptionDataset, load_dataset, split_train_val
 from mmalign.evaluate import collect_text_group, evaluate_checkpoint
 from mmalign.features import compute_vision_features
-from mmalign.lm import describe_lm, load_lm
+from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
+from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.probes.corpus import wordnet_glosses
 from mmalign.probes.sae import default_layers, fit_sae_probes
-from mmalign.vision import load_vision_encoder
+from mmalign.vision import VisionEncoder, load_vision_encoder
 
 logger = logging.getLogger("mmalign.pipeline")
 
@@ -44,7 +40,7 @@ CONTROL_NAMES = {
 
 @dataclass
 class RunResult:
-    """Where a run wrote its outputs, and its headline numbers."""
+    """Output paths of a finished run and its headline numbers."""
 
     run_dir: Path
     report_path: Path
@@ -53,61 +49,63 @@ class RunResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RunContext:
+    """Frozen models, data, cached features and provenance shared by the stages of a run."""
+
+    config: RunConfig
+    run_dir: Path
+    encoder: VisionEncoder
+    lm: LanguageModel
+    dataset: ImageCaptionDataset
+    train_rows: list[int]
+    val_rows: list[int]
+    tokens: torch.Tensor  # [N, T, D] encoder outputs of every image
+    prompt: PromptTemplate
+    timer: StageTimer
+
+    @property
+    def train_captions(self) -> list[str]:
+        return [self.dataset.items[i].caption for i in self.train_rows]
+
+    @property
+    def val_captions(self) -> list[str]:
+        return [self.dataset.items[i].caption for i in self.val_rows]
+
+    def checkpoint_metadata(self) -> dict[str, object]:
+        """Return the provenance written into every adapter checkpoint of this run."""
+        config = self.config
+        return {
+            "vision_encoder": self.encoder.describe(),
+            "lm": describe_lm(self.lm),
+            "prompt": {"style": config.adapter.prompt_style, "prefix": config.adapter.prompt_prefix,
+                       "instruction": config.adapter.chat_instruction, "max_caption_tokens": config.train.max_caption_tokens},
+            "dataset": {"name": self.dataset.name, "fingerprint": self.dataset.fingerprint(), "n_train": len(self.train_rows)},
+            "train_config_hash": stable_hash([config.train.model_dump(), config.adapter.model_dump(), config.seed]),
+        }
+
+    def new_adapter(self) -> Adapter:
+        """Build an untrained adapter, initialized from the run's seed."""
+        adapter_config = self.config.adapter
+        torch.manual_seed(self.config.seed)
+        shape = {
+            "kind": adapter_config.kind, "d_vision": self.encoder.d_model, "d_lm": self.lm.d_model,
+            "pooled_grid": adapter_config.pooled_grid, "keep_cls": adapter_config.keep_cls,
+            "has_cls_token": self.encoder.has_cls_token, "n_encoder_tokens": int(self.tokens.shape[1]),
+            "dropout": adapter_config.dropout, "prefix_tokens": adapter_config.prefix_tokens,
+            "hidden_dim": adapter_config.hidden_dim,
+        }
+        return build_adapter(shape)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _stable_hash(data: object) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to `path` through a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        frame.to_parquet(temp_name, index=False)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-
-
-class StageTimer:
-    """Wall time per pipeline stage, logged as each stage ends."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        logger.info("stage %s: started", name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = time.perf_counter() - start
-            logger.info("stage %s: %.1f s", name, self.seconds[name])
-
-
 def _load_data(config: RunConfig) -> tuple[ImageCaptionDataset, list[int], list[int]]:
-    options: dict[str, object] = {"exclude_categories": tuple(config.data.exclude_categories)}
-    dataset = load_dataset(config.data.spec, **options)
+    dataset = load_dataset(config.data.spec, exclude_categories=tuple(config.data.exclude_categories))
     if config.data.max_images is not None and len(dataset) > config.data.max_images:
         keep = sorted(random.Random(config.seed).sample(range(len(dataset)), config.data.max_images))
         dataset = dataset.subset(keep)
@@ -120,82 +118,88 @@ def _load_data(config: RunConfig) -> tuple[ImageCaptionDataset, list[int], list[
     return dataset, train_rows, val_rows
 
 
-def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
-    """Run every stage of the main job and write the run directory.
-
-    Outputs in the run directory: `config.yaml` (resolved), `checkpoints/final/`,
-    `probes/layer_LL/`, `train_metrics.jsonl`, `results.parquet`, `controls.json`,
-    `manifest.json` and `report.html`.
-    """
-    from mmalign.reports.html import render_report, write_report
-
+def prepare_run(config: RunConfig, run_dir: Path | None = None, device: torch.device | None = None) -> RunContext:
+    """Load the frozen models, the data and the vision features (from the cache when present)."""
     run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
     seed_everything(config.seed)
     timer = StageTimer()
-
     with timer.stage("load models"):
-        encoder = load_vision_encoder(config.vision_encoder.spec, config.vision_encoder.image_size)
+        encoder = load_vision_encoder(config.vision_encoder.spec, config.vision_encoder.image_size, config.vision_encoder.layer)
         lm = load_lm(config.lm.spec)
+        if device is not None:
+            lm.model.to(device)
     with timer.stage("load data"):
         dataset, train_rows, val_rows = _load_data(config)
     with timer.stage("vision features"):
         tokens = compute_vision_features(encoder, dataset, cache_dir(), config.vision_encoder.batch_size)
-    train_tokens, val_tokens = tokens[train_rows], tokens[val_rows]
-    train_captions = [dataset.items[i].caption for i in train_rows]
-    val_captions = [dataset.items[i].caption for i in val_rows]
+    adapter_config = config.adapter
+    prompt = build_prompt(lm, adapter_config.prompt_style, adapter_config.prompt_prefix, adapter_config.chat_instruction)
+    return RunContext(config, run_dir, encoder, lm, dataset, train_rows, val_rows, tokens, prompt, timer)
 
-    lm_facts = describe_lm(lm)
-    checkpoint_meta = {
-        "vision_encoder": encoder.describe(),
-        "lm": lm_facts,
-        "prompt": {"prefix": config.adapter.prompt_prefix, "max_caption_tokens": config.train.max_caption_tokens,
-                   "layout": "[start] [visual tokens] [prefix] [caption] [end]"},
-        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_train": len(train_rows)},
-        "train_config_hash": _stable_hash([config.train.model_dump(), config.adapter.model_dump(), config.seed]),
-    }
 
-    with timer.stage("train adapter"):
-        torch.manual_seed(config.seed)
-        adapter = LinearAdapter(encoder.d_model, lm.d_model, config.adapter.pooled_grid, config.adapter.keep_cls, encoder.has_cls_token)
-        untrained = LinearAdapter(encoder.d_model, lm.d_model, config.adapter.pooled_grid, config.adapter.keep_cls, encoder.has_cls_token)
-        untrained.load_state_dict(adapter.state_dict())
-        final_dir = run_dir / "checkpoints" / "final"
-        reused = False
+def train_stage(context: RunContext, resume: bool = False, accelerator=None) -> Adapter:
+    """Train the adapter, or reuse `checkpoints/final/` when it was made from the same config and data."""
+    config = context.config
+    metadata = context.checkpoint_metadata()
+    final_dir = context.run_dir / "checkpoints" / "final"
+    with context.timer.stage("train adapter"):
         if (final_dir / "adapter_config.json").is_file():
-            saved, saved_meta = load_checkpoint(final_dir, expect_vision=encoder.describe(), expect_lm=lm_facts)
-            if saved_meta.get("train_config_hash") == checkpoint_meta["train_config_hash"] and saved_meta.get("dataset") == checkpoint_meta["dataset"]:
-                adapter, reused = saved, True
+            saved, saved_meta = load_checkpoint(final_dir, expect_vision=context.encoder.describe(), expect_lm=metadata["lm"])
+            if saved_meta.get("train_config_hash") == metadata["train_config_hash"] and saved_meta.get("dataset") == metadata["dataset"]:
                 logger.info("train adapter: reusing %s (same config and data)", final_dir)
-        if not reused:
-            metrics_path = run_dir / "train_metrics.jsonl"
-            metrics_path.unlink(missing_ok=True)
-            train_adapter(lm, adapter, train_tokens, train_captions, config.adapter, config.train, config.seed, metrics_path)
-            save_checkpoint(adapter, final_dir, {**checkpoint_meta, "step": config.train.steps})
+                return saved.eval()
+        setup = TrainingSetup(
+            context.lm, context.tokens[context.train_rows], context.train_captions,
+            context.tokens[context.val_rows], context.val_captions, context.prompt,
+            context.run_dir / "checkpoints", metadata, config.seed,
+        )
+        return train_adapter(context.new_adapter(), setup, config.train, resume=resume, accelerator=accelerator)
 
-    with timer.stage("control losses"):
-        loss_args = (config.adapter, config.train.max_caption_tokens, config.eval.batch_size)
-        controls = {
-            CONTROL_NAMES["untrained"]: validation_loss(lm, untrained, val_tokens, val_captions, *loss_args),
+
+def control_losses(context: RunContext, adapter: Adapter) -> dict[str, float]:
+    """Return validation caption losses of the untrained adapter and of shuffled images."""
+    config = context.config
+    val_tokens, val_captions = context.tokens[context.val_rows], context.val_captions
+    args = (context.prompt, config.train.max_caption_tokens, config.eval.batch_size)
+    with context.timer.stage("control losses"):
+        return {
+            CONTROL_NAMES["untrained"]: validation_loss(context.lm, context.new_adapter(), val_tokens, val_captions, *args),
             CONTROL_NAMES["shuffled"]: validation_loss(
-                lm, adapter, val_tokens, val_captions, *loss_args, image_order=shuffled_pairing(len(val_captions), config.seed)
+                context.lm, adapter, val_tokens, val_captions, *args, image_order=shuffled_pairing(len(val_captions), config.seed)
             ),
         }
 
+
+def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
+    """Run every stage of the main job and write the run directory.
+
+    Outputs in the run directory: `config.yaml` (resolved), `checkpoints/`, `probes/`,
+    `train_metrics.jsonl`, `results.parquet`, `controls.json`, `manifest.json` and
+    `report.html`.
+    """
+    from mmalign.reports.html import render_report, write_report
+
+    context = prepare_run(config, run_dir)
+    run_dir, lm, timer = context.run_dir, context.lm, context.timer
+    adapter = train_stage(context)
+    controls = control_losses(context, adapter)
+
+    lm_facts = describe_lm(lm)
     layers = default_layers(lm.n_layers) if config.probes.layers == "default" else list(config.probes.layers)
     with timer.stage("fit SAE probes"):
-        texts = wordnet_glosses(config.probes.wordnet_glosses, config.seed) + train_captions
-        probe_key = _stable_hash([config.probes.model_dump(), lm_facts, dataset.fingerprint(), config.seed])
-        probes = fit_sae_probes(lm, texts, layers, config.probes, config.seed, run_dir / "probes" / probe_key)
+        texts = wordnet_glosses(config.probes.wordnet_glosses, config.seed) + context.train_captions
+        probe_key = stable_hash([config.probes.model_dump(), lm_facts, context.dataset.fingerprint(), config.seed])
+        probe_dir = run_dir / "probes" / probe_key
+        probes = fit_sae_probes(lm, texts, layers, config.probes, config.seed, probe_dir)
 
     with timer.stage("evaluate"):
-        text_states = collect_text_group(
-            lm, val_captions, probes, config.adapter.prompt_prefix, config.train.max_caption_tokens, config.eval.batch_size
-        )
+        val_tokens, val_captions = context.tokens[context.val_rows], context.val_captions
+        text_states = collect_text_group(lm, val_captions, probes, context.prompt, config.train.max_caption_tokens, config.eval.batch_size)
         results, trained_loss = evaluate_checkpoint(
             lm, adapter, val_tokens, val_captions, probes, text_states,
-            checkpoint="final", prefix=config.adapter.prompt_prefix, max_caption_tokens=config.train.max_caption_tokens,
+            checkpoint="final", prompt=context.prompt, max_caption_tokens=config.train.max_caption_tokens,
             batch_size=config.eval.batch_size, n_bootstrap=config.eval.n_bootstrap, ci_level=config.eval.ci_level, seed=config.seed,
         )
         controls = {CONTROL_NAMES["trained"]: trained_loss, **controls}
@@ -205,16 +209,17 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
         write_parquet_atomic(results, results_path)
         write_atomic(run_dir / "controls.json", json.dumps(controls, indent=2))
 
+    dataset = context.dataset
     manifest = {
         "mmalign_version": mmalign_version(),
         "git_commit": git_commit(),
-        "vision_encoder": encoder.describe(),
+        "vision_encoder": context.encoder.describe(),
         "lm": lm_facts,
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_images": len(dataset),
-                    "n_train": len(train_rows), "n_val": len(val_rows), "skipped": dict(dataset.skipped)},
-        "probes": {"layers": layers, "directory": str(run_dir / "probes" / probe_key), "architecture": "standard (ReLU, L1)",
+                    "n_train": len(context.train_rows), "n_val": len(context.val_rows), "skipped": dict(dataset.skipped)},
+        "probes": {"layers": layers, "directory": str(probe_dir), "architecture": "standard (ReLU, L1)",
                    "d_sae": config.probes.d_sae, "n_fit_texts": len(texts)},
-        "checkpoints": {"final": str(final_dir)},
+        "checkpoints": {"final": str(run_dir / "checkpoints" / "final")},
         "dtype": "float32",
         "eval_batch_size": config.eval.batch_size,
         "torch": torch.__version__,

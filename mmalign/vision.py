@@ -48,6 +48,7 @@ class VisionEncoder:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     preprocessing: dict[str, object] = field(default_factory=dict)
+    layer: int = -1
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """Pad each image to a square with white, resize (bicubic) and normalize: `[B, 3, S, S]`."""
@@ -75,6 +76,7 @@ class VisionEncoder:
             "mean": list(self.mean),
             "std": list(self.std),
             "resize": "pad-to-square-white, bicubic",
+            "layer": self.layer,
             **self.preprocessing,
         }
 
@@ -86,15 +88,23 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _hf_encoder(spec: str, model: torch.nn.Module, image_size: int, mean, std) -> VisionEncoder:
+def _hf_encoder(spec: str, model: torch.nn.Module, image_size: int, mean, std, layer: int) -> VisionEncoder:
+    n_layers = int(model.config.num_hidden_layers)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"vision_encoder.layer {layer} is out of range for {spec}, which has {n_layers} layers")
+
     def forward_tokens(pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels).last_hidden_state
+        if layer == -1:
+            return model(pixel_values=pixels).last_hidden_state  # after the final norm
+        hidden_states = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i
+        return hidden_states[layer] if layer < 0 else hidden_states[layer + 1]
 
     d_model = int(getattr(model.config, "hidden_size"))
-    return VisionEncoder(spec, _freeze(model), d_model, image_size, True, forward_tokens, tuple(mean), tuple(std))
+    return VisionEncoder(spec, _freeze(model), d_model, image_size, True, forward_tokens, tuple(mean), tuple(std), layer=layer)
 
 
-def load_vision_encoder(spec: str, image_size: int = 224) -> VisionEncoder:
+def load_vision_encoder(spec: str, image_size: int = 224, layer: int = -1) -> VisionEncoder:
     """Load a frozen vision encoder from a spec string.
 
     Args:
@@ -103,6 +113,8 @@ def load_vision_encoder(spec: str, image_size: int = 224) -> VisionEncoder:
             vision model whose output has `last_hidden_state` with a CLS token first) or
             `open_clip:ARCH@PRETRAINED` (patch tokens of an open_clip ViT).
         image_size: Square input size in pixels.
+        layer: Encoder layer whose output is returned: -1 the last (after the final norm),
+            -2 the output of the second-to-last block, i >= 0 the output of block i.
 
     Raises:
         ValueError: for an unknown spec form or bundled name.
@@ -117,7 +129,7 @@ def load_vision_encoder(spec: str, image_size: int = 224) -> VisionEncoder:
         from mmalign.vision_onnx import load_bundled_dinov2
 
         model = load_bundled_dinov2(cache_dir() / "vision")
-        return _hf_encoder(spec, model, image_size, IMAGENET_MEAN, IMAGENET_STD)
+        return _hf_encoder(spec, model, image_size, IMAGENET_MEAN, IMAGENET_STD, layer)
     if kind == "hf":
         from transformers import AutoImageProcessor, AutoModel
 
@@ -139,8 +151,10 @@ def load_vision_encoder(spec: str, image_size: int = 224) -> VisionEncoder:
             logger.warning("no image processor config in %s; using ImageNet mean and std", source)
         if hasattr(model, "vision_model"):  # CLIP- and SigLIP-style dual encoders
             model = model.vision_model
-        return _hf_encoder(spec, model, image_size, mean, std)
+        return _hf_encoder(spec, model, image_size, mean, std, layer)
     if kind == "open_clip":
+        if layer != -1:
+            raise ValueError(f"vision_encoder.layer {layer} is not supported for open_clip encoders; use -1 (the final tokens)")
         return _load_open_clip(spec, target, image_size)
     raise ValueError(f"unknown vision encoder spec form {kind!r} in {spec!r}; expected one of: {VISION_SPEC_FORMS}")
 

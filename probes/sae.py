@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
-from tqdm.auto import tqdm
 
 from mmalign.capture import capture_resid_post
 from mmalign.adapters.compose import ComposedBatch
 from mmalign.config import ProbesConfig
 from mmalign.lm import LanguageModel
+from mmalign.progress import progress
 
 logger = logging.getLogger("mmalign.probes")
 
@@ -59,7 +59,7 @@ def collect_text_activations(
     encoded = [ids for ids in encoded if ids]
     encoded.sort(key=len)  # batches of similar length waste less padding
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in tqdm(range(0, len(encoded), batch_size), desc="text activations", unit="batch", leave=False):
+    for start in progress(range(0, len(encoded), batch_size), "text activations", "batch"):
         chunk = encoded[start : start + batch_size]
         length = 1 + max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), length), lm.end_token_id, dtype=torch.long)
@@ -69,22 +69,26 @@ def collect_text_activations(
             attention_mask[row, : 1 + len(ids)] = 1
         keep = attention_mask.bool().clone()
         keep[:, 0] = False
-        batch = ComposedBatch(lm.embed(input_ids), attention_mask, input_ids, keep, keep)
+        device = lm.model.device
+        batch = ComposedBatch(lm.embed(input_ids.to(device)), attention_mask.to(device), input_ids, keep, keep)
         hidden = capture_resid_post(lm, batch, layers)
         for layer in layers:
-            collected[layer].append(hidden[layer][keep].float())
+            collected[layer].append(hidden[layer].float().cpu()[keep])
     return {layer: torch.cat(chunks) for layer, chunks in collected.items()}
 
 
 def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata: dict[str, object]) -> StandardTrainingSAE:
     """Fit a ReLU SAE with an L1 penalty (sae-lens `standard` architecture) on `[M, D]` activations.
 
-    Inputs are scaled so the mean squared norm is D during fitting; the scale is folded
-    into the weights afterwards, so the returned SAE reads raw activations.
+    Inputs are scaled so the mean squared distance from their mean is D during fitting,
+    so the L1 penalty weighs the same against reconstruction at every layer, whatever the
+    size of the residual stream's constant component. The scale is folded into the
+    weights afterwards, so the returned SAE reads raw activations.
     """
     torch.manual_seed(seed)
     d_in = activations.shape[1]
-    scale = float(torch.sqrt(d_in / (activations.double() ** 2).sum(dim=1).mean()))
+    centered = activations.double() - activations.double().mean(dim=0)
+    scale = float(torch.sqrt(d_in / (centered**2).sum(dim=1).mean()))
     scaled = activations * scale
     sae_config = StandardTrainingSAEConfig(
         d_in=d_in, d_sae=config.d_sae, l1_coefficient=config.l1_coefficient, metadata=SAEMetadata(**metadata)
@@ -168,7 +172,7 @@ def fit_sae_probes(
     activations = collect_text_activations(lm, texts, missing, config.lm_batch_size, config.max_text_tokens)
     n_tokens = next(iter(activations.values())).shape[0]
     logger.info("SAE probes: %d text tokens from %d texts in %.1f s", n_tokens, len(texts), time.perf_counter() - start)
-    for layer in tqdm(missing, desc="fit SAE probes", unit="layer", leave=False):
+    for layer in progress(missing, "fit SAE probes", "layer"):
         layer_start = time.perf_counter()
         metadata = {
             "model_name": lm.lm_id, "hook_name": hook_name(layer), "hook_layer": layer,

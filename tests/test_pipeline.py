@@ -1,0 +1,68 @@
+"""The quick preset end to end: every stage runs and the run directory holds its outputs."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmalign.cli import main
+from mmalign.config import load_config
+from mmalign.evaluate import RESULT_COLUMNS
+from mmalign.pipeline import run_pipeline
+
+QUICK = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    config = load_config(QUICK, {"output_dir": str(output)})
+    return run_pipeline(config)
+
+
+def test_quick_run_writes_report_and_results(quick_run):
+    assert quick_run.report_path.is_file()
+    html = quick_run.report_path.read_text(encoding="utf-8")
+    assert "sae_fvu" in html or "variance unexplained" in html.lower()
+    results = pd.read_parquet(quick_run.results_path)
+    assert list(results.columns) == RESULT_COLUMNS
+    assert set(results["token_group"]) == {"image", "caption", "text", "pair"}
+    assert set(results["layer"]) == {3, 29}
+    assert set(results["metric"]) == {"sae_mse", "sae_fvu", "sae_l0", "cka_linear", "retrieval_top1"}
+    assert results["value"].notna().all()
+
+
+def test_quick_run_records_three_control_losses(quick_run):
+    controls = json.loads((quick_run.run_dir / "controls.json").read_text())
+    assert set(controls) == {"trained adapter", "untrained adapter", "trained adapter, shuffled images"}
+    assert all(value > 0 for value in controls.values())
+    html = quick_run.report_path.read_text(encoding="utf-8")
+    assert "shuffled images" in html
+
+
+def test_quick_run_checkpoint_and_probes_on_disk(quick_run):
+    final = quick_run.run_dir / "checkpoints" / "final"
+    assert (final / "adapter.safetensors").is_file()
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["lm"]["lm_id"] == "bundled:smollm2-135m"
+    assert config["vision_encoder"]["encoder_id"] == "bundled:dinov2-small"
+    probe_dirs = sorted(quick_run.run_dir.glob("probes/*/layer_*"))
+    assert [p.name for p in probe_dirs] == ["layer_03", "layer_29"]
+    assert all((p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file() for p in probe_dirs)
+
+
+def test_sae_probe_opens_with_sae_lens(quick_run):
+    from sae_lens import SAE
+
+    probe = sorted(quick_run.run_dir.glob("probes/*/layer_03"))[0]
+    sae = SAE.load_from_disk(probe)
+    assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "bundled:smollm2-135m"
+
+
+def test_cli_reports_invalid_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("probes:\n  layers: []\n")
+    assert main(["run", str(bad)]) == 2
+    assert "probes.layers" in capsys.readouterr().err
