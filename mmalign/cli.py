@@ -42,6 +42,40 @@ def _command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_train(args: argparse.Namespace) -> int:
+    overrides = {"output_dir": str(args.output)} if args.output else {}
+    config = load_config(args.config, overrides)
+    run_dir = Path(config.output_dir) / config.name
+
+    from accelerate import Accelerator
+
+    from mmalign.adapters.train import TrainingInterrupted
+    from mmalign.pipeline import control_losses, prepare_run, train_stage
+
+    accelerator = Accelerator(cpu=not torch_cuda_available())
+    is_main = accelerator.is_main_process
+    _configure_logging(args.log_level if is_main else "WARNING", run_dir / "run.log" if is_main else None)
+    if accelerator.num_processes > 1:
+        logger.info("training on %d processes (%s)", accelerator.num_processes, accelerator.distributed_type)
+    context = prepare_run(config, run_dir, device=accelerator.device)
+    try:
+        adapter = train_stage(context, resume=args.resume, accelerator=accelerator if accelerator.num_processes > 1 else None)
+    except TrainingInterrupted as interrupted:
+        logger.warning("%s", interrupted)
+        return 130
+    if is_main:
+        for name, value in control_losses(context, adapter).items():
+            logger.info("validation caption loss, %s: %.4f nats/token", name, value)
+        print(f"checkpoints: {run_dir / 'checkpoints'}")
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description="Measure where vision-encoder tokens become language-like inside a frozen LM.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level (default INFO).")
@@ -50,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="YAML run config, e.g. configs/demo.yaml.")
     run.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made (default: the config's output_dir, 'runs').")
     run.set_defaults(handler=_command_run)
+    train = commands.add_parser("train", help="Train the adapter only; under `accelerate launch` it runs data-parallel.")
+    train.add_argument("config", type=Path, help="YAML run config.")
+    train.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
+    train.add_argument("--resume", action="store_true", help="Continue from the newest step checkpoint of the run.")
+    train.set_defaults(handler=_command_train)
+
+    from mmalign.sync import register_cli as register_sync
+
+    register_sync(commands)
     return parser
 
 
