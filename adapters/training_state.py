@@ -68,7 +68,8 @@ def read_training_state(
             # AdamW keeps `step` as a float32 scalar tensor on CPU.
             state.setdefault(int(index), {})[name] = torch.tensor(value, dtype=torch.float32) if name == "step" else value
     optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})
-    scheduler.load_state_dict(dict(record["scheduler"]))
+    # LambdaLR stores plain-function lambdas as None; the schedule itself is rebuilt from the config.
+    scheduler.load_state_dict({**record["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     return record
 
 

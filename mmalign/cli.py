@@ -56,6 +56,13 @@ def _command_train(args: argparse.Namespace) -> int:
     is_main = accelerator.is_main_process
     _configure_logging(args.log_level if is_main else "WARNING", run_dir / "run.log" if is_main else None)
     if accelerator.num_processes > 1:
+        import os
+
+        import torch
+
+        # Processes share the machine's cores; oversubscribed threads slow CPU runs many times over.
+        if accelerator.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
         logger.info("training on %d processes (%s)", accelerator.num_processes, accelerator.distributed_type)
     context = prepare_run(config, run_dir, device=accelerator.device)
     try:

@@ -89,7 +89,12 @@ def _save_dequantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same conversion first; its copy is identical.
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
