@@ -82,9 +82,18 @@ class ComposedBatch:
 
 
 def tokenize_captions(lm: LanguageModel, captions: list[str], separator: str, max_caption_tokens: int) -> list[list[int]]:
-    """Tokenize each caption, truncated to leave room for the end token."""
-    tokenized = lm.tokenizer([separator + caption.strip() for caption in captions], add_special_tokens=False).input_ids
-    return [ids[: max_caption_tokens - 1] for ids in tokenized]
+    """Tokenize each caption, truncated to leave room for the end token.
+
+    Results are memoized on the LM object, because training sees every caption once per
+    epoch and tokenizing again each time is wasted work.
+    """
+    cache = lm.token_cache
+    texts = [separator + caption.strip() for caption in captions]
+    missing = [text for text in dict.fromkeys(texts) if text not in cache]
+    if missing:
+        for text, ids in zip(missing, lm.tokenizer(missing, add_special_tokens=False).input_ids):
+            cache[text] = tuple(ids)
+    return [list(cache[text][: max_caption_tokens - 1]) for text in texts]
 
 
 def compose(

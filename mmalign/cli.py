@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        logger.error("%s", error) if logger.handlers else None
-        print(f"mmalign: error: {error}", file=sys.stderr)
+        if logger.handlers:  # also goes to the run's log file
+            logger.error("%s", error)
+        else:
+            print(f"mmalign: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmalign: interrupted; finished stages are kept and a rerun continues from them", file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ class LanguageModel:
     lm_id: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    token_cache: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:

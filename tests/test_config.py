@@ -9,7 +9,7 @@ from mmalign.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "quick.yaml", "limber.yaml", "published-clip-gemma2.yaml"])
 def test_presets_validate(name):
     config = load_config(CONFIGS / name)
     assert config.name == name.removesuffix(".yaml")
@@ -51,3 +51,15 @@ def test_non_mapping_yaml(tmp_path):
 def test_overrides_replace_top_level(tmp_path):
     config = load_config(CONFIGS / "quick.yaml", {"output_dir": str(tmp_path)})
     assert config.output_dir == str(tmp_path)
+
+
+def test_published_preset_fails_clearly_offline(monkeypatch):
+    from mmalign.lm import load_lm
+    from mmalign.vision import load_vision_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_config(CONFIGS / "published-clip-gemma2.yaml")
+    with pytest.raises(FileNotFoundError, match="local checkpoint file as PRETRAINED"):
+        load_vision_encoder(config.vision_encoder.spec, config.vision_encoder.image_size)
+    with pytest.raises(FileNotFoundError, match="reaches the hub"):
+        load_lm(config.lm.spec)

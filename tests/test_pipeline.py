@@ -66,3 +66,19 @@ def test_cli_reports_invalid_config(tmp_path, capsys):
     bad.write_text("probes:\n  layers: []\n")
     assert main(["run", str(bad)]) == 2
     assert "probes.layers" in capsys.readouterr().err
+
+
+def test_limber_preset_adapter_trains_briefly(tmp_path):
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "limber.yaml", {"output_dir": str(tmp_path)})
+    config = config.model_copy(update={
+        "data": config.data.model_copy(update={"spec": "samples"}),
+        "vision_encoder": config.vision_encoder.model_copy(update={"image_size": 112}),
+        "train": config.train.model_copy(update={"steps": 2, "batch_size": 4, "eval_every": 0, "save_every": 0}),
+    })
+    from mmalign.pipeline import prepare_run, train_stage
+
+    context = prepare_run(config)
+    adapter = train_stage(context)
+    assert adapter.kind == "linear-prefix"
+    assert adapter.n_visual_tokens == 4
+    assert (tmp_path / "limber" / "checkpoints" / "final" / "adapter_config.json").is_file()
