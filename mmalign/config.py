@@ -109,6 +109,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    treatment: dict[str, Any] = Field(default_factory=dict, description="Settings of the treatment run by `mmalign treat`; each treatment validates its own.")
 
     @field_validator("probes")
     @classmethod
