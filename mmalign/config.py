@@ -94,6 +94,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Image-caption pairs per LM forward pass.")
     n_bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples over images for confidence intervals.")
     ci_level: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals.")
+    top_k: int = Field(10, ge=1, description="SAE features per image compared between image tokens and caption tokens.")
+    knn_k: int = Field(10, ge=1, description="Neighbours for mutual k-NN and CKNNA (capped at n - 2).")
+    splice_images: int = Field(16, ge=0, description="Validation images used for the CE-loss-recovered and KL scores (two extra LM passes per layer); 0 disables them.")
+    evaluate_steps: bool = Field(True, description="mmalign run evaluates every step checkpoint, not only final/.")
 
 
 class RunConfig(_Section):

@@ -1,8 +1,10 @@
-"""Per-layer evaluation of one checkpoint: one LM pass per batch captures every probed layer.
+"""Per-layer evaluation of checkpoints: one LM pass per batch captures every probed layer.
 
 Token groups: `image` (visual-token positions), `caption` (caption positions after the
-image) and `text` (the same caption run through the LM alone). Metrics comparing two
-groups (CKA, retrieval) use the token group `pair`.
+image) and `text` (the same caption run through the LM alone). Metrics that compare two
+groups use `pair` (image-token means against text-only caption means); `image/text` rows
+hold the ratio of an SAE metric on image tokens to its value on text tokens. The `text`
+group does not depend on the checkpoint, so an `Evaluator` computes it once.
 """
 
 from __future__ import annotations
@@ -18,140 +20,205 @@ from sae_lens import SAE
 from mmalign.adapters.base import Adapter
 from mmalign.adapters.compose import PromptTemplate, compose
 from mmalign.capture import capture_resid_post, capture_resid_post_with_loss
+from mmalign.config import EvalConfig
 from mmalign.lm import LanguageModel
-from mmalign.probes.metrics import (
-    SaeTokenStats,
-    bootstrap_counts,
-    linear_cka_with_ci,
-    mean_with_ci,
-    retrieval_hits,
-    sae_metrics,
-    sae_token_stats,
+from mmalign.probes.fidelity import FidelityStats, _fidelity_ratios, fidelity_metrics, feature_overlap, topk_features
+from mmalign.probes.linear import linear_probe_metrics
+from mmalign.probes.metrics import MetricValue, _interval, bootstrap_counts, linear_cka_with_ci, mean_with_ci
+from mmalign.probes.similarity import (
+    cknna_with_ci,
+    modality_gap,
+    mutual_knn_with_ci,
+    norm_ratio,
+    retrieval_recall,
+    svcca_with_ci,
+    unbiased_cka_with_ci,
+    with_ci,
 )
 from mmalign.progress import progress
+from mmalign.splice import splice_metrics, splice_sums
 
 logger = logging.getLogger("mmalign.evaluate")
 
 RESULT_COLUMNS = ["checkpoint", "treatment", "layer", "token_group", "metric", "value", "ci_low", "ci_high", "n"]
+RATIO_METRICS = ("sae_mse", "sae_fvu", "sae_explained_variance", "sae_cosine", "sae_l0", "sae_l2_ratio")
 
 
 @dataclass
-class _GroupAccumulator:
-    """Per-image SAE statistics and mean hidden states of one (layer, token group)."""
+class _Group:
+    """Per-image SAE statistics, mean hidden states and top SAE features of one (layer, token group)."""
 
-    stats: list[SaeTokenStats] = field(default_factory=list)
-    means: list[np.ndarray] = field(default_factory=list)
+    stats: FidelityStats
+    means: np.ndarray  # [N, D]
+    top_index: np.ndarray  # [N, k]
+    top_mass: np.ndarray  # [N, k]
 
-    def add(self, hidden: torch.Tensor, mask: torch.Tensor, sae: SAE) -> None:
-        """Add one batch: `hidden` is `[B, L, D]`, `mask` selects the group's positions."""
+
+@dataclass
+class _GroupBuilder:
+    n_images: int
+    sae: SAE
+    top_k: int
+    stats: FidelityStats = field(init=False)
+    means: np.ndarray = field(init=False)
+    top_index: np.ndarray = field(init=False)
+    top_mass: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        d_model, d_sae = int(self.sae.cfg.d_in), int(self.sae.cfg.d_sae)
+        self.stats = FidelityStats.zeros(self.n_images, d_model, d_sae)
+        self.means = np.zeros((self.n_images, d_model))
+        self.top_index = np.full((self.n_images, self.top_k), -1)
+        self.top_mass = np.zeros((self.n_images, self.top_k))
+
+    def add(self, hidden: torch.Tensor, mask: torch.Tensor, first_image: int) -> None:
+        """Add one batch: `hidden` `[B, L, D]`, `mask` `[B, L]` selecting the group's positions."""
         hidden, mask = hidden.detach().float().cpu(), mask.cpu()
-        n_images = hidden.shape[0]
+        n_batch = hidden.shape[0]
         tokens = hidden[mask]  # [M, D]
-        image_index = torch.arange(n_images).unsqueeze(1).expand_as(mask)[mask]  # [M]
+        local = torch.arange(n_batch).unsqueeze(1).expand_as(mask)[mask]  # [M]
         with torch.no_grad():
-            latents = sae.encode(tokens)
-            reconstruction = sae.decode(latents)
-        self.stats.append(sae_token_stats(tokens, reconstruction, latents, image_index, n_images))
+            latents = self.sae.encode(tokens)
+            reconstruction = self.sae.decode(latents)
+        self.stats.update(tokens, reconstruction, latents, local + first_image)
         counts = mask.sum(dim=1, keepdim=True).clamp(min=1).double()
-        sums = (hidden.double() * mask.unsqueeze(-1)).sum(dim=1)
-        self.means.append((sums / counts).numpy())
+        rows = slice(first_image, first_image + n_batch)
+        self.means[rows] = ((hidden.double() * mask.unsqueeze(-1)).sum(dim=1) / counts).numpy()
+        self.top_index[rows], self.top_mass[rows] = topk_features(latents, local, n_batch, self.top_k)
 
-    def merged(self) -> tuple[SaeTokenStats, np.ndarray]:
-        stats = SaeTokenStats(
-            sse=np.concatenate([s.sse for s in self.stats]),
-            n_tokens=np.concatenate([s.n_tokens for s in self.stats]),
-            sum_x=np.concatenate([s.sum_x for s in self.stats]),
-            sum_sq_norm=np.concatenate([s.sum_sq_norm for s in self.stats]),
-            l0_sum=np.concatenate([s.l0_sum for s in self.stats]),
-        )
-        return stats, np.concatenate(self.means)
+    def build(self) -> _Group:
+        return _Group(self.stats, self.means, self.top_index, self.top_mass)
 
 
-@dataclass
-class TextGroupStates:
-    """The `text` token group: captions run alone. It does not depend on the checkpoint."""
-
-    groups: dict[int, _GroupAccumulator]
-
-
-def collect_text_group(
-    lm: LanguageModel, captions: list[str], probes: dict[int, SAE], prompt: PromptTemplate, max_caption_tokens: int, batch_size: int
-) -> TextGroupStates:
-    """Run each caption through the LM without an image and accumulate the `text` group."""
-    layers = sorted(probes)
-    groups = {layer: _GroupAccumulator() for layer in layers}
-    for start in progress(range(0, len(captions), batch_size), "text group", "batch"):
-        batch = compose(lm, captions[start : start + batch_size], prompt, max_caption_tokens, visual_tokens=None)
-        hidden = capture_resid_post(lm, batch, layers)
-        for layer in layers:
-            groups[layer].add(hidden[layer], batch.caption_mask, probes[layer])
-    return TextGroupStates(groups)
+def _derangement(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        if not (order == np.arange(n)).any():
+            return order
 
 
-def evaluate_checkpoint(
-    lm: LanguageModel,
-    adapter: Adapter,
-    vision_tokens: torch.Tensor,
-    captions: list[str],
-    probes: dict[int, SAE],
-    text_states: TextGroupStates,
-    *,
-    checkpoint: str,
-    prompt: PromptTemplate,
-    max_caption_tokens: int,
-    batch_size: int,
-    n_bootstrap: int,
-    ci_level: float,
-    seed: int,
-    treatment: str = "none",
-) -> tuple[pd.DataFrame, float]:
-    """Compute every per-layer metric of one checkpoint on the validation split.
+def pair_metrics(image: np.ndarray, text: np.ndarray, counts: np.ndarray, ci_level: float, knn_k: int) -> dict[str, MetricValue]:
+    """Similarity of paired image-token and caption representations `[N, D]` each."""
+    n = image.shape[0]
+    k = max(1, min(knn_k, n - 2))
+    metrics = {"cka_linear": linear_cka_with_ci(image, text, counts, ci_level)}
+    if n >= 4:
+        metrics["cka_unbiased"] = unbiased_cka_with_ci(image, text, counts, ci_level)
+    if n >= 3:
+        metrics["mutual_knn"] = mutual_knn_with_ci(image, text, counts, ci_level, k=k)
+        metrics["cknna"] = cknna_with_ci(image, text, counts, ci_level, k=k)
+        metrics["svcca"] = svcca_with_ci(image, text, counts, ci_level, n_components=min(10, n - 1, image.shape[1]))
+    for direction, (queries, gallery) in {"i2t": (image, text), "t2i": (text, image)}.items():
+        for recall_k in (1, 5):
+            if recall_k < n:
+                metrics[f"retrieval_{direction}_r{recall_k}"] = mean_with_ci(retrieval_recall(queries, gallery, recall_k), counts, ci_level)
+    metrics["modality_gap"] = with_ci(modality_gap, image, text, counts, ci_level)
+    metrics["norm_ratio"] = with_ci(norm_ratio, image, text, counts, ci_level)
+    return metrics
 
-    Args:
-        vision_tokens: `[N, T, D]` cached encoder outputs of the N validation images.
-        captions: The N validation captions.
-        probes: layer -> SAE probe; the layers to evaluate.
-        text_states: The `text` group, from `collect_text_group` on the same captions.
 
-    Returns:
-        The tidy results (columns `RESULT_COLUMNS`) and the validation caption loss
-        (nats per token) from the same forward passes.
+def ratio_metrics(image: FidelityStats, text: FidelityStats, counts: np.ndarray, ci_level: float) -> dict[str, MetricValue]:
+    """Image-to-text ratio of each SAE metric at one layer, resampling images jointly in both groups."""
+    ones = np.ones((1, image.n_images))
+    point_image, point_text = _fidelity_ratios(image, ones, 0.1), _fidelity_ratios(text, ones, 0.1)
+    boot_image, boot_text = _fidelity_ratios(image, counts, 0.1), _fidelity_ratios(text, counts, 0.1)
+    results = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name in RATIO_METRICS:
+            low, high = _interval(boot_image[name] / boot_text[name], ci_level)
+            results[name] = MetricValue(float(point_image[name][0] / point_text[name][0]), low, high, image.n_images)
+    return results
+
+
+class Evaluator:
+    """Evaluates checkpoints on one validation split with fixed probes.
+
+    Frozen models, probes, the text-only group and the bootstrap resamples are set up
+    once; `evaluate` then costs one LM pass per batch (plus the splice passes on a subset).
     """
-    layers = sorted(probes)
-    adapter.eval()
-    image_groups = {layer: _GroupAccumulator() for layer in layers}
-    caption_groups = {layer: _GroupAccumulator() for layer in layers}
-    loss_sum, token_count = 0.0, 0
-    for start in progress(range(0, len(captions), batch_size), f"evaluate {checkpoint}", "batch"):
-        stop = min(start + batch_size, len(captions))
-        with torch.no_grad():
-            visual = adapter(vision_tokens[start:stop].to(lm.model.device))
-        batch = compose(lm, captions[start:stop], prompt, max_caption_tokens, visual)
-        hidden, loss, n_tokens = capture_resid_post_with_loss(lm, batch, layers)
-        loss_sum += float(loss)
-        token_count += n_tokens
-        for layer in layers:
-            image_groups[layer].add(hidden[layer], batch.image_mask, probes[layer])
-            caption_groups[layer].add(hidden[layer], batch.caption_mask, probes[layer])
 
-    counts = bootstrap_counts(len(captions), n_bootstrap, seed)
-    rows = []
+    def __init__(
+        self, lm: LanguageModel, probes: dict[int, SAE], prompt: PromptTemplate, captions: list[str],
+        categories: list[str], max_caption_tokens: int, config: EvalConfig, seed: int,
+    ) -> None:
+        self.lm, self.probes, self.prompt = lm, probes, prompt
+        self.captions, self.categories = captions, categories
+        self.max_caption_tokens, self.config, self.seed = max_caption_tokens, config, seed
+        self.layers = sorted(probes)
+        self.counts = bootstrap_counts(len(captions), config.n_bootstrap, seed)
+        self.shuffled = _derangement(len(captions), seed) if len(captions) >= 2 else None
+        self.text = self._text_groups()
 
-    def add_row(layer: int, group: str, metric: str, value) -> None:
-        rows.append([checkpoint, treatment, layer, group, metric, value.value, value.ci_low, value.ci_high, value.n])
+    def _batches(self) -> list[tuple[int, int]]:
+        size, n = self.config.batch_size, len(self.captions)
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
 
-    for layer in layers:
-        merged = {
-            "image": image_groups[layer].merged(),
-            "caption": caption_groups[layer].merged(),
-            "text": text_states.groups[layer].merged(),
-        }
-        for group, (stats, _) in merged.items():
-            for metric, value in sae_metrics(stats, counts, ci_level).items():
-                add_row(layer, group, metric, value)
-        image_means, text_means = merged["image"][1], merged["text"][1]
-        add_row(layer, "pair", "cka_linear", linear_cka_with_ci(image_means, text_means, counts, ci_level))
-        add_row(layer, "pair", "retrieval_top1", mean_with_ci(retrieval_hits(image_means, text_means), counts, ci_level))
+    def _text_groups(self) -> dict[int, _Group]:
+        builders = {layer: _GroupBuilder(len(self.captions), self.probes[layer], self.config.top_k) for layer in self.layers}
+        for start, stop in progress(self._batches(), "text group", "batch"):
+            batch = compose(self.lm, self.captions[start:stop], self.prompt, self.max_caption_tokens, None)
+            hidden = capture_resid_post(self.lm, batch, self.layers)
+            for layer in self.layers:
+                builders[layer].add(hidden[layer], batch.caption_mask, start)
+        return {layer: builder.build() for layer, builder in builders.items()}
 
-    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    return results, loss_sum / max(token_count, 1)
+    def evaluate(self, adapter: Adapter, vision_tokens: torch.Tensor, checkpoint: str, treatment: str = "none") -> tuple[pd.DataFrame, float]:
+        """Compute every per-layer metric of one adapter.
+
+        Args:
+            vision_tokens: `[N, T, D]` cached encoder outputs of the validation images.
+
+        Returns:
+            Tidy results (columns `RESULT_COLUMNS`) and the validation caption loss (nats
+            per token) from the same forward passes.
+        """
+        adapter.eval()
+        lm, device = self.lm, self.lm.model.device
+        n_images = len(self.captions)
+        image_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k) for layer in self.layers}
+        caption_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k) for layer in self.layers}
+        splice_rows = min(self.config.splice_images, n_images)
+        splice = {layer: [] for layer in self.layers}
+        loss_sum, token_count = 0.0, 0
+        for start, stop in progress(self._batches(), f"evaluate {checkpoint}", "batch"):
+            with torch.no_grad():
+                visual = adapter(vision_tokens[start:stop].to(device))
+            batch = compose(lm, self.captions[start:stop], self.prompt, self.max_caption_tokens, visual)
+            hidden, loss, n_tokens = capture_resid_post_with_loss(lm, batch, self.layers)
+            loss_sum += float(loss)
+            token_count += n_tokens
+            for layer in self.layers:
+                image_builders[layer].add(hidden[layer], batch.image_mask, start)
+                caption_builders[layer].add(hidden[layer], batch.caption_mask, start)
+                if start < splice_rows:
+                    splice[layer].append(splice_sums(lm, batch, layer, self.probes[layer]))
+
+        rows: list[list] = []
+
+        def add(layer: int, group: str, metrics: dict[str, MetricValue]) -> None:
+            for name, value in metrics.items():
+                rows.append([checkpoint, treatment, layer, group, name, value.value, value.ci_low, value.ci_high, value.n])
+
+        ci = self.config.ci_level
+        for layer in self.layers:
+            image, caption, text = image_builders[layer].build(), caption_builders[layer].build(), self.text[layer]
+            for group_name, group in (("image", image), ("caption", caption), ("text", text)):
+                add(layer, group_name, fidelity_metrics(group.stats, self.counts, ci))
+            add(layer, "image/text", ratio_metrics(image.stats, text.stats, self.counts, ci))
+            jaccard, weighted = feature_overlap(image.top_index, text.top_index, image.top_mass, text.top_mass)
+            add(layer, "pair", {
+                "feature_jaccard": mean_with_ci(np.nan_to_num(jaccard), self.counts, ci),
+                "feature_weighted_overlap": mean_with_ci(np.nan_to_num(weighted), self.counts, ci),
+            })
+            add(layer, "pair", pair_metrics(image.means, text.means, self.counts, ci, self.config.knn_k))
+            if self.shuffled is not None:
+                shuffled = pair_metrics(image.means, text.means[self.shuffled], self.counts, ci, self.config.knn_k)
+                add(layer, "pair", {f"{name}@shuffled": value for name, value in shuffled.items()})
+            if splice[layer]:
+                sums = {key: np.concatenate([part[key] for part in splice[layer]])[:splice_rows] for key in splice[layer][0]}
+                add(layer, "caption", splice_metrics(sums, bootstrap_counts(splice_rows, self.config.n_bootstrap, self.seed), ci))
+            probe = linear_probe_metrics(image.means, self.categories, self.counts, ci, self.seed)
+            if probe:
+                add(layer, "image", probe)
+        return pd.DataFrame(rows, columns=RESULT_COLUMNS), loss_sum / max(token_count, 1)

@@ -10,18 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
 from mmalign.adapters.base import Adapter
-from mmalign.adapters.checkpoint import git_commit, load_checkpoint, mmalign_version
+from mmalign.adapters.checkpoint import git_commit, load_checkpoint, mmalign_version, save_checkpoint
 from mmalign.adapters.compose import PromptTemplate, build_prompt
 from mmalign.adapters.registry import build_adapter
-from mmalign.adapters.train import TrainingSetup, shuffled_pairing, train_adapter, validation_loss
+from mmalign.adapters.train import TrainingSetup, list_step_checkpoints, shuffled_pairing, train_adapter, validation_loss
 from mmalign.assets import cache_dir
 from mmalign.config import RunConfig
 from mmalign.data import ImageCaptionDataset, load_dataset, split_train_val
-from mmalign.evaluate import collect_text_group, evaluate_checkpoint
+from mmalign.evaluate import Evaluator
 from mmalign.features import compute_vision_features
 from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
@@ -172,61 +173,103 @@ def control_losses(context: RunContext, adapter: Adapter) -> dict[str, float]:
         }
 
 
-def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
-    """Run every stage of the main job and write the run directory.
-
-    Outputs in the run directory: `config.yaml` (resolved), `checkpoints/`, `probes/`,
-    `train_metrics.jsonl`, `results.parquet`, `controls.json`, `manifest.json` and
-    `report.html`.
-    """
-    from mmalign.reports.html import render_report, write_report
-
-    context = prepare_run(config, run_dir)
-    run_dir, lm, timer = context.run_dir, context.lm, context.timer
-    adapter = train_stage(context)
-    controls = control_losses(context, adapter)
-
-    lm_facts = describe_lm(lm)
+def probe_stage(context: RunContext) -> tuple[dict[int, "SAE"], Path, int]:
+    """Fit the SAE probes (or reuse those already on disk); return them, their directory and the text count."""
+    config, lm = context.config, context.lm
     layers = default_layers(lm.n_layers) if config.probes.layers == "default" else list(config.probes.layers)
-    with timer.stage("fit SAE probes"):
+    with context.timer.stage("fit SAE probes"):
         texts = wordnet_glosses(config.probes.wordnet_glosses, config.seed) + context.train_captions
-        probe_key = stable_hash([config.probes.model_dump(), lm_facts, context.dataset.fingerprint(), config.seed])
-        probe_dir = run_dir / "probes" / probe_key
+        probe_key = stable_hash([config.probes.model_dump(), describe_lm(lm), context.dataset.fingerprint(), config.seed])
+        probe_dir = context.run_dir / "probes" / probe_key
         probes = fit_sae_probes(lm, texts, layers, config.probes, config.seed, probe_dir)
+    return probes, probe_dir, len(texts)
 
-    with timer.stage("evaluate"):
-        val_tokens, val_captions = context.tokens[context.val_rows], context.val_captions
-        text_states = collect_text_group(lm, val_captions, probes, context.prompt, config.train.max_caption_tokens, config.eval.batch_size)
-        results, trained_loss = evaluate_checkpoint(
-            lm, adapter, val_tokens, val_captions, probes, text_states,
-            checkpoint="final", prompt=context.prompt, max_caption_tokens=config.train.max_caption_tokens,
-            batch_size=config.eval.batch_size, n_bootstrap=config.eval.n_bootstrap, ci_level=config.eval.ci_level, seed=config.seed,
-        )
-        controls = {CONTROL_NAMES["trained"]: trained_loss, **controls}
-        for name, value in controls.items():
-            logger.info("validation caption loss, %s: %.4f nats/token", name, value)
-        results_path = run_dir / "results.parquet"
-        write_parquet_atomic(results, results_path)
-        write_atomic(run_dir / "controls.json", json.dumps(controls, indent=2))
 
-    dataset = context.dataset
-    manifest = {
+def build_manifest(context: RunContext, probe_dir: Path, n_fit_texts: int, checkpoints: dict[str, str]) -> dict[str, object]:
+    """Return the provenance of a results table: models, data, probes, checkpoints and settings."""
+    config, dataset = context.config, context.dataset
+    return {
         "mmalign_version": mmalign_version(),
         "git_commit": git_commit(),
         "vision_encoder": context.encoder.describe(),
-        "lm": lm_facts,
+        "lm": describe_lm(context.lm),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_images": len(dataset),
                     "n_train": len(context.train_rows), "n_val": len(context.val_rows), "skipped": dict(dataset.skipped)},
-        "probes": {"layers": layers, "directory": str(probe_dir), "architecture": "standard (ReLU, L1)",
-                   "d_sae": config.probes.d_sae, "n_fit_texts": len(texts)},
-        "checkpoints": {"final": str(run_dir / "checkpoints" / "final")},
+        "probes": {"layers": sorted(int(p.name.removeprefix("layer_")) for p in probe_dir.glob("layer_*")),
+                   "directory": str(probe_dir), "architecture": "standard (ReLU, L1)", "d_sae": config.probes.d_sae,
+                   "n_fit_texts": n_fit_texts, "hash": stable_hash(sorted(str(p) for p in probe_dir.rglob("*.safetensors")))},
+        "checkpoints": checkpoints,
         "dtype": "float32",
-        "eval_batch_size": config.eval.batch_size,
+        "eval": config.eval.model_dump(),
         "torch": torch.__version__,
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
     }
-    write_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+
+
+def evaluate_stage(context: RunContext, probes: dict, probe_dir: Path, n_fit_texts: int,
+                   checkpoints: list[tuple[str, Path, str]]) -> tuple[pd.DataFrame, dict[str, float], dict[str, object]]:
+    """Evaluate checkpoints into `results/`, write `results.parquet` and `manifest.json`; return the results."""
+    from mmalign.batch_eval import ResultsStore, checkpoint_hash, evaluate_checkpoints, metric_set_hash
+
+    config = context.config
+    with context.timer.stage("evaluate"):
+        evaluator = Evaluator(
+            context.lm, probes, context.prompt, context.val_captions,
+            [context.dataset.items[i].category for i in context.val_rows],
+            config.train.max_caption_tokens, config.eval, config.seed,
+        )
+        store = ResultsStore(context.run_dir / "results")
+        metric_set = metric_set_hash(config, probe_dir, context.dataset.fingerprint(), context.val_rows)
+        losses = evaluate_checkpoints(
+            evaluator, context.tokens[context.val_rows], checkpoints, store, metric_set,
+            context.encoder.describe(), describe_lm(context.lm),
+        )
+        results = store.combined(metric_set)
+        write_parquet_atomic(results, context.run_dir / "results.parquet")
+    manifest = build_manifest(context, probe_dir, n_fit_texts,
+                              {name: {"path": str(path), "hash": checkpoint_hash(path)} for name, path, _ in checkpoints})
+    write_atomic(context.run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    return results, losses, manifest
+
+
+def run_checkpoints(context: RunContext) -> list[tuple[str, Path, str]]:
+    """Return the run's checkpoints to evaluate: the untrained null, step checkpoints (if enabled), final."""
+    directory = context.run_dir / "checkpoints"
+    untrained = directory / "untrained"
+    if not (untrained / "adapter_config.json").is_file():
+        save_checkpoint(context.new_adapter(), untrained, {**context.checkpoint_metadata(), "step": 0})
+    listed = [("null:untrained", untrained, "none")]
+    if context.config.eval.evaluate_steps:
+        # The last step checkpoint holds the same weights as final/, which is evaluated below.
+        listed += [(path.name, path, "none") for step, path in list_step_checkpoints(directory) if step != context.config.train.steps]
+    listed.append(("final", directory / "final", "none"))
+    return listed
+
+
+def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
+    """Run every stage of the main job and write the run directory.
+
+    Outputs in the run directory: `config.yaml` (resolved), `checkpoints/`, `probes/`,
+    `train_metrics.jsonl`, `results/` and `results.parquet`, `controls.json`,
+    `manifest.json` and `report.html`.
+    """
+    from mmalign.reports.html import render_report, write_report
+
+    context = prepare_run(config, run_dir)
+    run_dir, timer = context.run_dir, context.timer
+    adapter = train_stage(context)
+    controls = control_losses(context, adapter)
+    probes, probe_dir, n_fit_texts = probe_stage(context)
+    results, _, manifest = evaluate_stage(context, probes, probe_dir, n_fit_texts, run_checkpoints(context))
+
+    with timer.stage("control losses"):
+        trained = validation_loss(context.lm, adapter, context.tokens[context.val_rows], context.val_captions,
+                                  context.prompt, config.train.max_caption_tokens, config.eval.batch_size)
+    controls = {CONTROL_NAMES["trained"]: trained, **controls}
+    for name, value in controls.items():
+        logger.info("validation caption loss, %s: %.4f nats/token", name, value)
+    write_atomic(run_dir / "controls.json", json.dumps(controls, indent=2))
 
     with timer.stage("report"):
         html = render_report(
@@ -236,4 +279,4 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
         report_path = run_dir / "report.html"
         write_report(report_path, html)
     logger.info("report written to %s", report_path)
-    return RunResult(run_dir, report_path, results_path, controls, dict(timer.seconds))
+    return RunResult(run_dir, report_path, run_dir / "results.parquet", controls, dict(timer.seconds))
