@@ -77,6 +77,43 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from mmalign.batch_eval import expand_checkpoints
+    from mmalign.commands import load_run_config, run_evaluate
+
+    config = load_run_config(args.config, args.output)
+    checkpoints = expand_checkpoints([str(p) for p in args.checkpoints], args.glob)
+    _configure_logging(args.log_level, Path(config.output_dir) / config.name / "run.log")
+    results = run_evaluate(config, checkpoints)
+    print(f"results: {results}")
+    return 0
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from mmalign.commands import run_compare
+
+    output = args.output or (args.run_b / f"compare-{args.run_a.name}")
+    _configure_logging(args.log_level, output / "compare.log")
+    comparison = run_compare(args.run_a, args.run_b, output)
+    headline = comparison[comparison["metric"].isin(["sae_fvu", "cka_linear", "retrieval_i2t_r1"])]
+    print(headline.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"comparison: {output / 'comparison.parquet'}")
+    return 0
+
+
+def _command_treat(args: argparse.Namespace) -> int:
+    from mmalign.commands import load_run_config, run_treatment
+
+    config = load_run_config(args.config, args.output)
+    _configure_logging(args.log_level, Path(config.output_dir) / config.name / "run.log")
+    results, treated, output_dir = run_treatment(config, args.treatment, args.from_checkpoint)
+    for item in treated:
+        logger.info("%s: %s", item.name, ", ".join(f"{key} {value:.4g}" for key, value in item.metrics.items() if isinstance(value, (int, float))))
+    print(f"treated checkpoints: {', '.join(str(item.directory) for item in treated)}")
+    print(f"results: {output_dir / 'results.parquet'}")
+    return 0
+
+
 def torch_cuda_available() -> bool:
     import torch
 
@@ -96,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
     train.add_argument("--resume", action="store_true", help="Continue from the newest step checkpoint of the run.")
     train.set_defaults(handler=_command_train)
+
+    evaluate = commands.add_parser("evaluate", help="Evaluate adapter checkpoints with the run's probes; finished checkpoints are skipped.")
+    evaluate.add_argument("checkpoints", nargs="*", type=Path, help="Checkpoint directories.")
+    evaluate.add_argument("--glob", default=None, help="Glob of checkpoint directories, e.g. 'runs/demo/checkpoints/step_*' (quote it).")
+    evaluate.add_argument("--config", type=Path, required=True, help="The run config (models, data, probes, evaluation settings).")
+    evaluate.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
+    evaluate.set_defaults(handler=_command_evaluate)
+
+    compare = commands.add_parser("compare", help="Per-layer differences of two runs' final adapters, with paired bootstrap intervals.")
+    compare.add_argument("run_a", type=Path, help="Run directory A (its probes and validation images are used).")
+    compare.add_argument("run_b", type=Path, help="Run directory B; differences are B minus A.")
+    compare.add_argument("--output", type=Path, default=None, help="Output directory (default: RUN_B/compare-NAME_A).")
+    compare.set_defaults(handler=_command_compare)
+
+    treat = commands.add_parser("treat", help="Apply a treatment to a checkpoint and measure its effect on alignment.")
+    treat.add_argument("--treatment", required=True, help="Treatment name, e.g. self-rewarding.")
+    treat.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="The checkpoint to treat (the baseline).")
+    treat.add_argument("--config", type=Path, required=True, help="Run config with a `treatment:` mapping of the treatment's settings.")
+    treat.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
+    treat.set_defaults(handler=_command_treat)
 
     from mmalign.sync import register_cli as register_sync
 

@@ -126,8 +126,9 @@ def ratio_metrics(image: FidelityStats, text: FidelityStats, counts: np.ndarray,
     results = {}
     with np.errstate(divide="ignore", invalid="ignore"):
         for name in RATIO_METRICS:
-            low, high = _interval(boot_image[name] / boot_text[name], ci_level)
-            results[name] = MetricValue(float(point_image[name][0] / point_text[name][0]), low, high, image.n_images)
+            replicates = boot_image[name] / boot_text[name]
+            low, high = _interval(replicates, ci_level)
+            results[name] = MetricValue(float(point_image[name][0] / point_text[name][0]), low, high, image.n_images, samples=replicates)
     return results
 
 
@@ -149,6 +150,8 @@ class Evaluator:
         self.counts = bootstrap_counts(len(captions), config.n_bootstrap, seed)
         self.shuffled = _derangement(len(captions), seed) if len(captions) >= 2 else None
         self.text = self._text_groups()
+        # checkpoint -> (layer, token group, metric) -> bootstrap replicates, for paired differences
+        self.replicates: dict[str, dict[tuple[int, str, str], np.ndarray]] = {}
 
     def _batches(self) -> list[tuple[int, int]]:
         size, n = self.config.batch_size, len(self.captions)
@@ -195,10 +198,14 @@ class Evaluator:
                     splice[layer].append(splice_sums(lm, batch, layer, self.probes[layer]))
 
         rows: list[list] = []
+        replicates: dict[tuple[int, str, str], np.ndarray] = {}
+        self.replicates[checkpoint] = replicates
 
         def add(layer: int, group: str, metrics: dict[str, MetricValue]) -> None:
             for name, value in metrics.items():
                 rows.append([checkpoint, treatment, layer, group, name, value.value, value.ci_low, value.ci_high, value.n])
+                if value.samples is not None and value.samples.shape[0] == self.counts.shape[0]:
+                    replicates[(layer, group, name)] = value.samples
 
         ci = self.config.ci_level
         for layer in self.layers:
@@ -222,3 +229,27 @@ class Evaluator:
             if probe:
                 add(layer, "image", probe)
         return pd.DataFrame(rows, columns=RESULT_COLUMNS), loss_sum / max(token_count, 1)
+
+
+def paired_deltas(
+    evaluator: Evaluator, results: pd.DataFrame, checkpoint: str, baseline: str, treatment: str = "none"
+) -> pd.DataFrame:
+    """Return `delta:<metric>` rows: checkpoint minus baseline, with paired bootstrap intervals.
+
+    Both checkpoints must have been evaluated by the same `evaluator`, so each bootstrap
+    replicate resamples the same images for both and the difference is paired.
+    """
+    if checkpoint not in evaluator.replicates or baseline not in evaluator.replicates:
+        raise ValueError(f"paired deltas need {checkpoint!r} and {baseline!r} evaluated in this process by the same evaluator")
+    ours, theirs = evaluator.replicates[checkpoint], evaluator.replicates[baseline]
+    values = results.set_index(["checkpoint", "layer", "token_group", "metric"])["value"]
+    tail = (1.0 - evaluator.config.ci_level) / 2.0
+    rows = []
+    for key in sorted(ours.keys() & theirs.keys()):
+        layer, group, metric = key
+        difference = ours[key] - theirs[key]
+        finite = difference[np.isfinite(difference)]
+        low, high = np.quantile(finite, [tail, 1.0 - tail]) if finite.size else (np.nan, np.nan)
+        point = values.get((checkpoint, layer, group, metric), np.nan) - values.get((baseline, layer, group, metric), np.nan)
+        rows.append([checkpoint, treatment, layer, group, f"delta:{metric}", float(point), float(low), float(high), len(evaluator.captions)])
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)

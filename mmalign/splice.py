@@ -86,6 +86,7 @@ def splice_metrics(sums: dict[str, np.ndarray], counts: np.ndarray, ci_level: fl
     resampled = ratios(counts)
     results = {}
     for name, value in point.items():
-        low, high = _interval(resampled[name], ci_level)
-        results[name] = MetricValue(float(value[0]), low, high, n_images)
+        replicates = resampled[name]
+        low, high = _interval(replicates, ci_level)
+        results[name] = MetricValue(float(value[0]), low, high, n_images, samples=replicates)
     return results

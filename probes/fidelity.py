@@ -246,8 +246,9 @@ def fidelity_metrics(
     resampled = _fidelity_ratios(stats, counts, dense_threshold)
     results = {}
     for name, value in point.items():
-        low, high = _interval(resampled[name], ci_level)
-        results[name] = MetricValue(float(value[0]), low, high, stats.n_images)
+        replicates = resampled[name]
+        low, high = _interval(replicates, ci_level)
+        results[name] = MetricValue(float(value[0]), low, high, stats.n_images, samples=replicates)
     return results
 
 

@@ -6,7 +6,7 @@ so tokens of one image are never split across resamples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ class MetricValue:
     ci_low: float
     ci_high: float
     n: int
+    samples: np.ndarray | None = field(default=None, repr=False)  # bootstrap replicates, for paired differences
 
 
 def bootstrap_counts(n_items: int, n_boot: int, seed: int) -> np.ndarray:
@@ -111,8 +112,9 @@ def sae_metrics(stats: SaeTokenStats, counts: np.ndarray, ci_level: float) -> di
     resampled = _sae_ratios(stats, counts)
     results = {}
     for name, value in point.items():
-        low, high = _interval(resampled[name], ci_level)
-        results[name] = MetricValue(float(value[0]), low, high, n_images)
+        replicates = resampled[name]
+        low, high = _interval(replicates, ci_level)
+        results[name] = MetricValue(float(value[0]), low, high, n_images, samples=replicates)
     return results
 
 
@@ -153,8 +155,9 @@ def linear_cka_with_ci(x: np.ndarray, y: np.ndarray, counts: np.ndarray, ci_leve
         l = l - l.mean(axis=0, keepdims=True) - l.mean(axis=1, keepdims=True) + l.mean()
         with np.errstate(divide="ignore", invalid="ignore"):
             samples[row] = (k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum())
-    low, high = _interval(samples, ci_level)
-    return MetricValue(linear_cka(x64, y64), low, high, n)
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(linear_cka(x64, y64), low, high, n, samples=replicates)
 
 
 def retrieval_hits(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -171,5 +174,6 @@ def mean_with_ci(per_item: np.ndarray, counts: np.ndarray, ci_level: float) -> M
     """Mean of per-item values with a bootstrap interval over items."""
     per_item = np.asarray(per_item, dtype=np.float64)
     samples = (counts @ per_item) / counts.sum(axis=1)
-    low, high = _interval(samples, ci_level)
-    return MetricValue(float(per_item.mean()), low, high, int(per_item.shape[0]))
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(float(per_item.mean()), low, high, int(per_item.shape[0]), samples=replicates)

@@ -113,8 +113,9 @@ def unbiased_cka_with_ci(x: np.ndarray, y: np.ndarray, counts: np.ndarray, ci_le
         k = np.where(same_image, 0.0, gram_x[np.ix_(index, index)])
         l = np.where(same_image, 0.0, gram_y[np.ix_(index, index)])
         samples[row] = _cka_from_zeroed_grams(k, l)
-    low, high = _interval(samples, ci_level)
-    return MetricValue(point, low, high, n)
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(point, low, high, n, samples=replicates)
 
 
 # --- nearest-neighbour metrics -------------------------------------------------------------
@@ -234,8 +235,9 @@ def cknna_with_ci(x: np.ndarray, y: np.ndarray, counts: np.ndarray, ci_level: fl
     with np.errstate(divide="ignore", invalid="ignore"):
         point = float(cross.sum() / np.sqrt(self_x.sum() * self_y.sum()))
         samples = (counts @ cross) / np.sqrt((counts @ self_x) * (counts @ self_y))
-    low, high = _interval(samples, ci_level)
-    return MetricValue(point, low, high, n)
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(point, low, high, n, samples=replicates)
 
 
 # --- SVCCA ---------------------------------------------------------------------------------
@@ -305,8 +307,9 @@ def svcca_with_ci(x: np.ndarray, y: np.ndarray, counts: np.ndarray, ci_level: fl
     variance_y = counts @ variates_y**2 / total - mean_y**2
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = (covariance / np.sqrt(variance_x * variance_y)).mean(axis=1)
-    low, high = _interval(samples, ci_level)
-    return MetricValue(_mean_canonical_correlation(u_x, u_y), low, high, n)
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(_mean_canonical_correlation(u_x, u_y), low, high, n, samples=replicates)
 
 
 # --- retrieval and geometry ----------------------------------------------------------------
@@ -395,5 +398,6 @@ def with_ci(
     for row, multiplicity in enumerate(counts):
         index = _resample_index(multiplicity)
         samples[row] = statistic(x[index], y[index])
-    low, high = _interval(samples, ci_level)
-    return MetricValue(float(statistic(x, y)), low, high, n)
+    replicates = samples
+    low, high = _interval(replicates, ci_level)
+    return MetricValue(float(statistic(x, y)), low, high, n, samples=replicates)

@@ -94,3 +94,39 @@ def test_limber_preset_adapter_trains_briefly(tmp_path):
     assert adapter.kind == "linear-prefix"
     assert adapter.n_visual_tokens == 4
     assert (tmp_path / "limber" / "checkpoints" / "final" / "adapter_config.json").is_file()
+
+
+def test_evaluate_broken_checkpoint_becomes_error_row(quick_run, tmp_path):
+    from mmalign.batch_eval import expand_checkpoints
+    from mmalign.commands import run_evaluate
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    config = load_config(QUICK, {"output_dir": str(quick_run.run_dir.parent)})
+    final = quick_run.run_dir / "checkpoints" / "final"
+    results = pd.read_parquet(run_evaluate(config, expand_checkpoints([str(broken), str(final)], None)))
+    errors = results[results["error"] != ""]
+    assert list(errors["checkpoint"]) == [str(broken)]
+    assert "missing adapter.safetensors" in errors["error"].iloc[0]
+    assert (results[results["checkpoint"] == "final"]["error"] == "").all()
+
+
+def test_evaluate_empty_glob_is_an_error():
+    from mmalign.batch_eval import expand_checkpoints
+
+    with pytest.raises(ValueError, match="matched no checkpoint"):
+        expand_checkpoints([], "/nonexistent/step_*")
+    with pytest.raises(ValueError, match="no checkpoints given"):
+        expand_checkpoints([], None)
+
+
+def test_compare_run_with_itself_is_zero(quick_run, tmp_path):
+    from mmalign.commands import run_compare
+
+    comparison = run_compare(quick_run.run_dir, quick_run.run_dir, tmp_path / "compare")
+    assert len(comparison) > 0
+    finite = comparison.dropna(subset=["difference"])
+    assert (finite["difference"].abs() < 1e-9).all()
+    assert (finite["ci_low"].abs() < 1e-9).all() and (finite["ci_high"].abs() < 1e-9).all()
+    assert (tmp_path / "compare" / "comparison.csv").is_file()

@@ -1,0 +1,129 @@
+"""The `evaluate`, `compare` and `treat` commands: batch evaluation, paired run comparison, treatments."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from mmalign.adapters.checkpoint import load_checkpoint
+from mmalign.config import ConfigError, RunConfig, load_config, parse_config
+from mmalign.evaluate import Evaluator, paired_deltas
+from mmalign.io import write_atomic, write_parquet_atomic
+from mmalign.lm import describe_lm
+from mmalign.pipeline import RunContext, evaluate_stage, prepare_run, probe_stage
+
+logger = logging.getLogger("mmalign")
+
+
+def _evaluator(context: RunContext, probes: dict) -> Evaluator:
+    config = context.config
+    categories = [context.dataset.items[i].category for i in context.val_rows]
+    return Evaluator(context.lm, probes, context.prompt, context.val_captions, categories,
+                     config.train.max_caption_tokens, config.eval, config.seed)
+
+
+def run_evaluate(config: RunConfig, checkpoints: list[Path]) -> Path:
+    """Evaluate checkpoints with the run's probes into its results store; return `results.parquet`."""
+    context = prepare_run(config)
+    probes, probe_dir, n_fit_texts = probe_stage(context)
+    run_dir = context.run_dir.resolve()
+    named = []
+    for path in checkpoints:
+        resolved = path.resolve()
+        name = resolved.name if resolved.parent == run_dir / "checkpoints" else str(path)
+        named.append((name, path, "none"))
+    results, _, _ = evaluate_stage(context, probes, probe_dir, n_fit_texts, named)
+    errors = results[results.get("error", pd.Series(dtype=str)).fillna("") != ""] if "error" in results else results.iloc[0:0]
+    for _, row in errors.iterrows():
+        logger.error("checkpoint %s: %s", row["checkpoint"], row["error"])
+    return context.run_dir / "results.parquet"
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (config.yaml not found)")
+    return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
+
+
+def run_compare(run_a: Path, run_b: Path, output: Path) -> pd.DataFrame:
+    """Compare the final adapters of two runs on run A's validation images and probes.
+
+    Differences are B minus A with paired bootstrap intervals (the same image resamples
+    for both). The runs must share the vision encoder, the LM and the dataset.
+
+    Raises:
+        ValueError: when the runs use different models or data.
+    """
+    config_a, config_b = _run_config(run_a), _run_config(run_b)
+    for section in ("vision_encoder", "lm", "data"):
+        if getattr(config_a, section) != getattr(config_b, section):
+            raise ValueError(
+                f"cannot compare {run_a} and {run_b}: their {section} settings differ; "
+                "compare runs that share the vision encoder, the LM and the dataset"
+            )
+    context = prepare_run(config_a, run_a)
+    probes, _, _ = probe_stage(context)
+    evaluator = _evaluator(context, probes)
+    tokens = context.tokens[context.val_rows]
+    frames = []
+    for label, run in (("A", run_a), ("B", run_b)):
+        adapter, _ = load_checkpoint(run / "checkpoints" / "final", context.encoder.describe(), describe_lm(context.lm))
+        frame, _ = evaluator.evaluate(adapter, tokens, label)
+        frames.append(frame)
+    results = pd.concat(frames, ignore_index=True)
+    deltas = paired_deltas(evaluator, results, "B", "A")
+    comparison = deltas.rename(columns={"value": "difference"})
+    comparison["metric"] = comparison["metric"].str.removeprefix("delta:")
+    values = results.pivot_table(index=["layer", "token_group", "metric"], columns="checkpoint", values="value").reset_index()
+    comparison = comparison.merge(values.rename(columns={"A": "run_a", "B": "run_b"}), on=["layer", "token_group", "metric"], how="left")
+    comparison = comparison[["layer", "token_group", "metric", "run_a", "run_b", "difference", "ci_low", "ci_high", "n"]]
+    output.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(comparison, output / "comparison.parquet")
+    write_atomic(output / "comparison.csv", comparison.to_csv(index=False))
+    write_atomic(output / "runs.json", json.dumps({"A": str(run_a), "B": str(run_b)}, indent=2))
+    return comparison
+
+
+def run_treatment(config: RunConfig, name: str, checkpoint: Path) -> tuple[pd.DataFrame, list, Path]:
+    """Apply a treatment, then evaluate the baseline and every treated checkpoint with the same probes.
+
+    Returns the results (with `delta:*` rows against the baseline), the treated
+    checkpoints and the treatment's directory.
+    """
+    from mmalign.loops.base import TreatmentContext, get_treatment
+
+    treatment = get_treatment(name)
+    context = prepare_run(config)
+    output_dir = context.run_dir / "treatments" / name
+    treated = treatment.apply(checkpoint, TreatmentContext(context, output_dir, dict(config.treatment), config.seed))
+    probes, _, _ = probe_stage(context)
+    evaluator = _evaluator(context, probes)
+    tokens = context.tokens[context.val_rows]
+    frames = []
+    with context.timer.stage("evaluate treatment"):
+        baseline, _ = load_checkpoint(checkpoint, context.encoder.describe(), describe_lm(context.lm))
+        frame, _ = evaluator.evaluate(baseline, tokens, "baseline", "none")
+        frames.append(frame)
+        for item in treated:
+            adapter, _ = load_checkpoint(item.directory, context.encoder.describe(), describe_lm(context.lm))
+            frame, loss = evaluator.evaluate(adapter, tokens, item.name, name)
+            item.metrics.setdefault("validation_caption_loss", loss)
+            frames.append(frame)
+        results = pd.concat(frames, ignore_index=True)
+        deltas = [paired_deltas(evaluator, results, item.name, "baseline", name) for item in treated]
+        results = pd.concat([results, *deltas], ignore_index=True)
+    results["error"] = ""
+    write_parquet_atomic(results, output_dir / "results.parquet")
+    summary = [{"name": item.name, "directory": str(item.directory), "metrics": item.metrics, "cost": item.cost,
+                "samples": item.samples} for item in treated]
+    write_atomic(output_dir / "treatment.json", json.dumps(summary, indent=2, default=str))
+    return results, treated, output_dir
+
+
+def load_run_config(path: Path, output: Path | None) -> RunConfig:
+    return load_config(path, {"output_dir": str(output)} if output else None)
