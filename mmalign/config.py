@@ -78,6 +78,14 @@ class ProbesConfig(_Section):
     """SAE probes fitted on the LM's residual stream over real text."""
 
     layers: list[int] | Literal["default"] = Field("default", description="LM layers to probe; 'default' is every third layer and the last.")
+    source: str = Field(
+        "fit",
+        description="fit: fit SAEs on text; disk:PATH with {layer}, e.g. disk:saes/layer_{layer}; "
+        "sae_lens:RELEASE:SAE_ID with {layer}, e.g. sae_lens:gemma-scope-2b-pt-res-canonical:layer_{layer}/width_16k/canonical.",
+    )
+    model_name: str | None = Field(None, description="The model name loaded SAEs must record (default: the LM spec), e.g. gemma-2-2b for base-model SAEs applied to the -it model.")
+    architecture: Literal["standard", "topk", "jumprelu"] = Field("standard", description="SAE architecture when fitting (sae-lens classes).")
+    k: int = Field(32, ge=1, description="topk: active latents per token.")
     d_sae: int = Field(1024, ge=8, description="Number of SAE latents.")
     l1_coefficient: float = Field(2.0, ge=0.0, description="L1 sparsity penalty of the ReLU SAE (inputs scaled so their mean squared distance from the mean is d_model).")
     steps: int = Field(250, ge=1, description="SAE optimizer steps per layer.")

@@ -27,7 +27,7 @@ from mmalign.features import compute_vision_features
 from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.probes.corpus import wordnet_glosses
-from mmalign.probes.sae import default_layers, fit_sae_probes
+from mmalign.probes.sae import default_layers, fit_sae_probes, load_pretrained_probes
 from mmalign.vision import VisionEncoder, load_vision_encoder
 
 logger = logging.getLogger("mmalign.pipeline")
@@ -177,6 +177,11 @@ def probe_stage(context: RunContext) -> tuple[dict[int, "SAE"], Path, int]:
     """Fit the SAE probes (or reuse those already on disk); return them, their directory and the text count."""
     config, lm = context.config, context.lm
     layers = default_layers(lm.n_layers) if config.probes.layers == "default" else list(config.probes.layers)
+    if config.probes.source != "fit":
+        with context.timer.stage("load SAE probes"):
+            probes = load_pretrained_probes(config.probes.source, lm, layers, config.probes.model_name)
+        source_dir = Path(config.probes.source.partition(":")[2].split("{layer}")[0] or ".")
+        return probes, source_dir, 0
     with context.timer.stage("fit SAE probes"):
         texts = wordnet_glosses(config.probes.wordnet_glosses, config.seed) + context.train_captions
         probe_key = stable_hash([config.probes.model_dump(), describe_lm(lm), context.dataset.fingerprint(), config.seed])

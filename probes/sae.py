@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens import (
+    SAE,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 
 from mmalign.capture import capture_resid_post
@@ -33,6 +42,32 @@ class ProbeMismatchError(ValueError):
 
 def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
+
+
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre)$")
+
+
+def hook_to_layer(name: str) -> int:
+    """Translate a sae-lens / TransformerLens hook name to the decoder block whose output it reads.
+
+    `blocks.L.hook_resid_post` is the output of block L; `blocks.L.hook_resid_pre` is the
+    input of block L, which is the output of block L - 1.
+
+    Raises:
+        ProbeMismatchError: for other hooks (attention, MLP, resid_mid), which mmalign does not capture.
+    """
+    match = HOOK_PATTERN.match(name or "")
+    if not match:
+        raise ProbeMismatchError(
+            f"SAE hook {name!r} is not a residual-stream hook; mmalign captures blocks.L.hook_resid_post "
+            "and blocks.L.hook_resid_pre (L >= 1)"
+        )
+    layer, kind = int(match.group(1)), match.group(2)
+    if kind == "resid_post":
+        return layer
+    if layer == 0:
+        raise ProbeMismatchError("blocks.0.hook_resid_pre reads the embeddings, which mmalign does not probe; use a later layer")
+    return layer - 1
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -77,8 +112,10 @@ def collect_text_activations(
     return {layer: torch.cat(chunks) for layer, chunks in collected.items()}
 
 
-def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata: dict[str, object]) -> StandardTrainingSAE:
-    """Fit a ReLU SAE with an L1 penalty (sae-lens `standard` architecture) on `[M, D]` activations.
+def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata: dict[str, object]):
+    """Fit an SAE (sae-lens `standard` ReLU + L1, `topk` or `jumprelu`) on `[M, D]` activations.
+
+    For `jumprelu`, `l1_coefficient` is used as sae-lens's L0 coefficient.
 
     Inputs are scaled so the mean squared distance from their mean is D during fitting,
     so the L1 penalty weighs the same against reconstruction at every layer, whatever the
@@ -90,10 +127,16 @@ def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata
     centered = activations.double() - activations.double().mean(dim=0)
     scale = float(torch.sqrt(d_in / (centered**2).sum(dim=1).mean()))
     scaled = activations * scale
-    sae_config = StandardTrainingSAEConfig(
-        d_in=d_in, d_sae=config.d_sae, l1_coefficient=config.l1_coefficient, metadata=SAEMetadata(**metadata)
-    )
-    sae = StandardTrainingSAE(sae_config)
+    common = {"d_in": d_in, "d_sae": config.d_sae, "metadata": SAEMetadata(**metadata)}
+    if config.architecture == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
+    elif config.architecture == "jumprelu":
+        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=config.l1_coefficient, **common))
+    else:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=config.l1_coefficient, **common))
+    coefficients = {
+        name: getattr(value, "value", value) for name, value in sae.get_coefficients().items()
+    }
     with torch.no_grad():
         sae.b_dec.copy_(scaled.mean(dim=0))
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
@@ -102,7 +145,7 @@ def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata
         rows = torch.randint(0, scaled.shape[0], (config.batch_tokens,), generator=generator)
         output = sae.training_forward_pass(
             TrainStepInput(
-                sae_in=scaled[rows], coefficients={"l1": config.l1_coefficient},
+                sae_in=scaled[rows], coefficients=coefficients,
                 dead_neuron_mask=None, n_training_steps=step, is_logging_step=False,
             )
         )
@@ -126,7 +169,29 @@ def _save_atomically(sae: StandardTrainingSAE, directory: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_sae_probe(directory: Path, lm: LanguageModel, layer: int) -> SAE:
+def check_sae_probe(sae: SAE, source: str, lm: LanguageModel, layer: int, model_name: str | None = None) -> SAE:
+    """Check that an SAE reads the residual stream of `lm` at `layer`.
+
+    Raises:
+        ProbeMismatchError: naming the recorded and the requested LM, hook or width.
+    """
+    expected_model = model_name or lm.lm_id
+    recorded_model = sae.cfg.metadata.get("model_name")
+    recorded_hook = sae.cfg.metadata.get("hook_name")
+    if recorded_model != expected_model:
+        raise ProbeMismatchError(
+            f"SAE probe {source} was fitted on model {recorded_model!r}, not {expected_model!r}; refit it for this LM, "
+            "or set probes.model_name if the models share a residual stream (e.g. base-model SAEs on the -it model)"
+        )
+    if hook_to_layer(recorded_hook) != layer:
+        raise ProbeMismatchError(f"SAE probe {source} reads {recorded_hook!r}, which is not the output of layer {layer}")
+    if sae.cfg.d_in != lm.d_model:
+        raise ProbeMismatchError(f"SAE probe {source} has d_in {sae.cfg.d_in}, but {lm.lm_id} has d_model {lm.d_model}")
+    sae.eval()
+    return sae
+
+
+def load_sae_probe(directory: Path, lm: LanguageModel, layer: int, model_name: str | None = None) -> SAE:
     """Open an SAE in sae-lens's on-disk format and check it was made for this LM and layer.
 
     Raises:
@@ -135,17 +200,38 @@ def load_sae_probe(directory: Path, lm: LanguageModel, layer: int) -> SAE:
     """
     if not (Path(directory) / "cfg.json").is_file():
         raise FileNotFoundError(f"no SAE probe at {directory} (cfg.json missing)")
-    sae = SAE.load_from_disk(directory)
-    recorded_model = sae.cfg.metadata.get("model_name")
-    recorded_hook = sae.cfg.metadata.get("hook_name")
-    if recorded_model != lm.lm_id:
-        raise ProbeMismatchError(f"SAE probe {directory} was fitted on LM {recorded_model!r}, not {lm.lm_id!r}; refit it for this LM")
-    if recorded_hook != hook_name(layer):
-        raise ProbeMismatchError(f"SAE probe {directory} reads {recorded_hook!r}, not {hook_name(layer)!r}")
-    if sae.cfg.d_in != lm.d_model:
-        raise ProbeMismatchError(f"SAE probe {directory} has d_in {sae.cfg.d_in}, but {lm.lm_id} has d_model {lm.d_model}")
-    sae.eval()
-    return sae
+    return check_sae_probe(SAE.load_from_disk(directory), str(directory), lm, layer, model_name)
+
+
+def load_pretrained_probes(source: str, lm: LanguageModel, layers: list[int], model_name: str | None = None) -> dict[int, SAE]:
+    """Load one SAE per layer from `disk:PATTERN` or `sae_lens:RELEASE:SAE_ID_PATTERN` ({layer} substituted).
+
+    Raises:
+        ValueError: for an unknown source form.
+        FileNotFoundError: when a release cannot be downloaded or a path is missing.
+        ProbeMismatchError: when an SAE does not fit the LM or layer.
+    """
+    kind, _, pattern = source.partition(":")
+    if "{layer}" not in pattern:
+        raise ValueError(f"probes.source {source!r} must contain {{layer}} so each layer gets its own SAE")
+    probes = {}
+    for layer in layers:
+        target = pattern.replace("{layer}", str(layer))
+        if kind == "disk":
+            probes[layer] = load_sae_probe(Path(target), lm, layer, model_name)
+        elif kind == "sae_lens":
+            release, _, sae_id = target.partition(":")
+            try:
+                sae = SAE.from_pretrained(release, sae_id)
+            except (OSError, ValueError, KeyError) as error:
+                raise FileNotFoundError(
+                    f"could not load sae-lens release {release!r}, SAE {sae_id!r} ({error}); "
+                    "check the names in sae-lens's pretrained_saes.yaml, or download it and use disk:PATH"
+                ) from None
+            probes[layer] = check_sae_probe(sae, f"{release}:{sae_id}", lm, layer, model_name)
+        else:
+            raise ValueError(f"unknown probes.source form {kind!r}; accepted: fit, disk:PATTERN, sae_lens:RELEASE:SAE_ID")
+    return probes
 
 
 def fit_sae_probes(
