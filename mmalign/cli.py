@@ -84,7 +84,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, args.output)
     checkpoints = expand_checkpoints([str(p) for p in args.checkpoints], args.glob)
     _configure_logging(args.log_level, Path(config.output_dir) / config.name / "run.log")
-    results = run_evaluate(config, checkpoints)
+    results = run_evaluate(config, checkpoints, args.executor, args.workers, args.ray_address)
     print(f"results: {results}")
     return 0
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--glob", default=None, help="Glob of checkpoint directories, e.g. 'runs/demo/checkpoints/step_*' (quote it).")
     evaluate.add_argument("--config", type=Path, required=True, help="The run config (models, data, probes, evaluation settings).")
     evaluate.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
+    evaluate.add_argument("--executor", choices=["local", "ray"], default="local", help="Evaluate in this process, or on Ray actors that each load the models once.")
+    evaluate.add_argument("--workers", type=int, default=2, help="Ray actors (with --executor ray).")
+    evaluate.add_argument("--ray-address", default=None, help="A running Ray cluster, e.g. ray://HEAD:10001 (default: a local instance on 127.0.0.1).")
     evaluate.set_defaults(handler=_command_evaluate)
 
     compare = commands.add_parser("compare", help="Per-layer differences of two runs' final adapters, with paired bootstrap intervals.")

@@ -26,8 +26,18 @@ def _evaluator(context: RunContext, probes: dict) -> Evaluator:
                      config.train.max_caption_tokens, config.eval, config.seed)
 
 
-def run_evaluate(config: RunConfig, checkpoints: list[Path]) -> Path:
-    """Evaluate checkpoints with the run's probes into its results store; return `results.parquet`."""
+def run_evaluate(config: RunConfig, checkpoints: list[Path], executor: str = "local", workers: int = 2,
+                 ray_address: str | None = None) -> Path:
+    """Evaluate checkpoints with the run's probes into its results store; return `results.parquet`.
+
+    Args:
+        executor: `local` (this process) or `ray` (Ray actors, each loading the models once).
+        workers: Ray actors to start.
+        ray_address: A running Ray cluster; None starts a local instance on 127.0.0.1.
+    """
+    from mmalign.batch_eval import ResultsStore, checkpoint_hash, metric_set_hash
+    from mmalign.pipeline import build_manifest
+
     context = prepare_run(config)
     probes, probe_dir, n_fit_texts = probe_stage(context)
     run_dir = context.run_dir.resolve()
@@ -36,8 +46,22 @@ def run_evaluate(config: RunConfig, checkpoints: list[Path]) -> Path:
         resolved = path.resolve()
         name = resolved.name if resolved.parent == run_dir / "checkpoints" else str(path)
         named.append((name, path, "none"))
-    results, _, _ = evaluate_stage(context, probes, probe_dir, n_fit_texts, named)
-    errors = results[results.get("error", pd.Series(dtype=str)).fillna("") != ""] if "error" in results else results.iloc[0:0]
+    if executor == "ray":
+        from mmalign.ray_executor import evaluate_with_ray
+
+        with context.timer.stage("evaluate"):
+            evaluate_with_ray(config, context.run_dir, named, workers, ray_address)
+        metric_set = metric_set_hash(config, probe_dir, context.dataset.fingerprint(), context.val_rows)
+        results = ResultsStore(context.run_dir / "results").combined(metric_set)
+        write_parquet_atomic(results, context.run_dir / "results.parquet")
+        manifest = build_manifest(context, probe_dir, n_fit_texts,
+                                  {name: {"path": str(path), "hash": checkpoint_hash(path)} for name, path, _ in named})
+        write_atomic(context.run_dir / "manifest.json", json.dumps({**manifest, "executor": "ray"}, indent=2, default=str))
+    elif executor == "local":
+        results, _, _ = evaluate_stage(context, probes, probe_dir, n_fit_texts, named)
+    else:
+        raise ValueError(f"unknown executor {executor!r}; accepted: local, ray")
+    errors = results[results["error"].fillna("") != ""] if "error" in results else results.iloc[0:0]
     for _, row in errors.iterrows():
         logger.error("checkpoint %s: %s", row["checkpoint"], row["error"])
     return context.run_dir / "results.parquet"

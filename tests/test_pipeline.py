@@ -130,3 +130,22 @@ def test_compare_run_with_itself_is_zero(quick_run, tmp_path):
     assert (finite["difference"].abs() < 1e-9).all()
     assert (finite["ci_low"].abs() < 1e-9).all() and (finite["ci_high"].abs() < 1e-9).all()
     assert (tmp_path / "compare" / "comparison.csv").is_file()
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(quick_run, tmp_path):
+    pytest.importorskip("ray")
+    import shutil
+
+    from mmalign.commands import run_evaluate
+
+    copy = tmp_path / "quick"
+    shutil.copytree(quick_run.run_dir, copy, ignore=shutil.ignore_patterns("results", "results.parquet"))
+    checkpoints = sorted((copy / "checkpoints").glob("step_*")) + [copy / "checkpoints" / "final"]
+    config = load_config(QUICK, {"output_dir": str(tmp_path)})
+    result = pd.read_parquet(run_evaluate(config, checkpoints, executor="ray", workers=2))
+    local = pd.read_parquet(quick_run.results_path)
+    assert {"final", "step_000004"} <= set(result["checkpoint"])
+    merged = result.merge(local, on=["checkpoint", "layer", "token_group", "metric"], suffixes=("_ray", "_local"))
+    assert len(merged) > 100
+    assert (merged["value_ray"] - merged["value_local"]).abs().max() < 1e-5
