@@ -105,6 +105,7 @@ class EvalConfig(_Section):
     top_k: int = Field(10, ge=1, description="SAE features per image compared between image tokens and caption tokens.")
     knn_k: int = Field(10, ge=1, description="Neighbours for mutual k-NN and CKNNA (capped at n - 2).")
     splice_images: int = Field(16, ge=0, description="Validation images used for the CE-loss-recovered and KL scores (two extra LM passes per layer); 0 disables them.")
+    bits_per_byte_images: int = Field(8, ge=0, description="Validation images whose caption likelihood is scored in bits per byte (byte-level and canonical tokens); 0 disables it.")
     evaluate_steps: bool = Field(True, description="mmalign run evaluates every step checkpoint, not only final/.")
 
 

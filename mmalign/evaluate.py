@@ -228,6 +228,13 @@ class Evaluator:
             probe = linear_probe_metrics(image.means, self.categories, self.counts, ci, self.seed)
             if probe:
                 add(layer, "image", probe)
+        if self.config.bits_per_byte_images and len(self.prompt.before_image) == 1:
+            from mmalign.bytes_metric import caption_bits_per_byte
+
+            add(-1, "caption", caption_bits_per_byte(
+                lm, adapter, vision_tokens, self.captions, self.prompt, self.max_caption_tokens,
+                self.config.bits_per_byte_images, self.config.n_bootstrap, self.config.ci_level, self.seed,
+            ))
         return pd.DataFrame(rows, columns=RESULT_COLUMNS), loss_sum / max(token_count, 1)
 
 

@@ -149,3 +149,11 @@ def test_ray_executor_matches_local(quick_run, tmp_path):
     merged = result.merge(local, on=["checkpoint", "layer", "token_group", "metric"], suffixes=("_ray", "_local"))
     assert len(merged) > 100
     assert (merged["value_ray"] - merged["value_local"]).abs().max() < 1e-5
+
+
+def test_quick_run_has_bits_per_byte(quick_run):
+    results = pd.read_parquet(quick_run.results_path)
+    final = results[(results["checkpoint"] == "final") & (results["layer"] == -1)].set_index("metric")["value"]
+    # the byte-level likelihood sums over all tokenizations, so it is at least the canonical one
+    assert final["caption_bits_per_byte"] <= final["caption_bits_per_byte_canonical"] + 1e-9
+    assert 0 < final["caption_bits_per_byte"] < 8
