@@ -336,6 +336,8 @@ def prompt_boundary_demo(lm: ByteLevelLM, text: bytes | str, cut: int, top_k: in
         "prompt": prompt_text,
         "prompt_tokens": lm.tokenizer.convert_ids_to_tokens(ids),
         "true_next": _show_byte(data[cut]),
+        "token_level_true_next": float(token_level[data[cut]]),
+        "byte_level_true_next": float(byte_level[data[cut]]),
         "rows": rows,
         "total_variation": 0.5 * float((token_level - byte_level).abs().sum()),
     }
