@@ -1,8 +1,8 @@
 """Adapter training on cached vision features with a frozen LM.
 
-AdamW with linear warmup and cosine decay, gradient clipping and accumulation, bf16
-autocast on GPU, checkpoints every N steps, validation loss and sample captions every N
-steps, and exact resumption: the data order and dropout noise of step s are derived
+Training uses AdamW with linear warmup and cosine decay, gradient clipping and
+accumulation, and bf16 autocast on GPU. It saves checkpoints and logs the validation loss
+and sample captions every N steps. The data order and dropout noise of step s are derived
 from (seed, s), so a resumed run repeats an uninterrupted one bit for bit on CPU.
 Multi-process data parallelism runs under Hugging Face Accelerate.
 """
@@ -113,7 +113,7 @@ def list_step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 @dataclass
 class TrainingSetup:
-    """What training reads besides the config: frozen LM, data and checkpoint provenance."""
+    """Inputs of training besides the config: frozen LM, cached features, captions and provenance."""
 
     lm: LanguageModel
     train_tokens: torch.Tensor  # [N, T, D] cached encoder outputs
