@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     treat.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
     treat.set_defaults(handler=_command_treat)
 
+    from mmalign.reports.cli import register_cli as register_report
     from mmalign.sync import register_cli as register_sync
+
+    register_report(commands)
 
     register_sync(commands)
     return parser

@@ -12,6 +12,7 @@ import yaml
 from mmalign.adapters.checkpoint import load_checkpoint
 from mmalign.config import ConfigError, RunConfig, load_config, parse_config
 from mmalign.evaluate import Evaluator, paired_deltas
+from mmalign.reports.results_io import write_results
 from mmalign.io import write_atomic, write_parquet_atomic
 from mmalign.lm import describe_lm
 from mmalign.pipeline import RunContext, evaluate_stage, prepare_run, probe_stage
@@ -53,7 +54,7 @@ def run_evaluate(config: RunConfig, checkpoints: list[Path], executor: str = "lo
             evaluate_with_ray(config, context.run_dir, named, workers, ray_address)
         metric_set = metric_set_hash(config, probe_dir, context.dataset.fingerprint(), context.val_rows)
         results = ResultsStore(context.run_dir / "results").combined(metric_set)
-        write_parquet_atomic(results, context.run_dir / "results.parquet")
+        write_results(results, context.run_dir / "results.parquet")
         manifest = build_manifest(context, probe_dir, n_fit_texts,
                                   {name: {"path": str(path), "hash": checkpoint_hash(path)} for name, path, _ in named})
         write_atomic(context.run_dir / "manifest.json", json.dumps({**manifest, "executor": "ray"}, indent=2, default=str))
@@ -107,6 +108,11 @@ def run_compare(run_a: Path, run_b: Path, output: Path) -> pd.DataFrame:
     comparison = comparison.merge(values.rename(columns={"A": "run_a", "B": "run_b"}), on=["layer", "token_group", "metric"], how="left")
     comparison = comparison[["layer", "token_group", "metric", "run_a", "run_b", "difference", "ci_low", "ci_high", "n"]]
     output.mkdir(parents=True, exist_ok=True)
+    from mmalign.reports.html import render_full_report, write_report
+
+    html = render_full_report(results, title=f"mmalign comparison: {run_b.name} minus {run_a.name}", controls=None,
+                              config=config_a.model_dump(), manifest={"A": str(run_a), "B": str(run_b)}, comparison=comparison)
+    write_report(output / "report.html", html)
     write_parquet_atomic(comparison, output / "comparison.parquet")
     write_atomic(output / "comparison.csv", comparison.to_csv(index=False))
     write_atomic(output / "runs.json", json.dumps({"A": str(run_a), "B": str(run_b)}, indent=2))
@@ -142,11 +148,40 @@ def run_treatment(config: RunConfig, name: str, checkpoint: Path) -> tuple[pd.Da
         deltas = [paired_deltas(evaluator, results, item.name, "baseline", name) for item in treated]
         results = pd.concat([results, *deltas], ignore_index=True)
     results["error"] = ""
-    write_parquet_atomic(results, output_dir / "results.parquet")
+    write_results(results, output_dir / "results.parquet")
     summary = [{"name": item.name, "directory": str(item.directory), "metrics": item.metrics, "cost": item.cost,
                 "samples": item.samples} for item in treated]
     write_atomic(output_dir / "treatment.json", json.dumps(summary, indent=2, default=str))
+    _treatment_report(context, name, results, treated, output_dir)
     return results, treated, output_dir
+
+
+def _numeric(values: dict) -> dict[str, float]:
+    return {key: float(value) for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _treatment_report(context: RunContext, name: str, results: pd.DataFrame, treated: list, output_dir: Path) -> Path:
+    """Write `report.html` of a treatment: per-layer deltas, per-iteration metrics, cost and samples."""
+    from mmalign.reports.html import render_full_report, write_report
+
+    cost: dict[str, float] = {}
+    for item in treated:
+        for key, value in _numeric(item.cost).items():
+            cost[key] = cost.get(key, 0.0) + value
+    entry = {
+        "name": name, "baseline": "baseline", "iterations": [item.name for item in treated],
+        "metrics": {item.name: _numeric(item.metrics) for item in treated}, "cost": cost,
+    }
+    samples = [{"checkpoint": item.name, "reference": sample.get("reference", ""), "generated": sample.get("caption", sample.get("generated", ""))}
+               for item in treated for sample in item.samples[:5]]
+    html = render_full_report(
+        results, title=f"mmalign treatment report: {name} on {context.config.name}", controls=None,
+        config=context.config.model_dump(), manifest={"treatment": name, "checkpoints": entry["iterations"]},
+        stage_times=dict(context.timer.seconds), samples=samples or None, treatments=[entry],
+    )
+    path = output_dir / "report.html"
+    write_report(path, html)
+    return path
 
 
 def load_run_config(path: Path, output: Path | None) -> RunConfig:

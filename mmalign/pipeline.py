@@ -24,6 +24,7 @@ from mmalign.config import RunConfig
 from mmalign.data import ImageCaptionDataset, load_dataset, split_train_val
 from mmalign.evaluate import Evaluator
 from mmalign.features import compute_vision_features
+from mmalign.reports.results_io import write_results
 from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.probes.corpus import wordnet_glosses
@@ -231,7 +232,7 @@ def evaluate_stage(context: RunContext, probes: dict, probe_dir: Path, n_fit_tex
             context.encoder.describe(), describe_lm(context.lm),
         )
         results = store.combined(metric_set)
-        write_parquet_atomic(results, context.run_dir / "results.parquet")
+        write_results(results, context.run_dir / "results.parquet")
     manifest = build_manifest(context, probe_dir, n_fit_texts,
                               {name: {"path": str(path), "hash": checkpoint_hash(path)} for name, path, _ in checkpoints})
     write_atomic(context.run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
@@ -259,7 +260,8 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
     `train_metrics.jsonl`, `results/` and `results.parquet`, `controls.json`,
     `manifest.json` and `report.html`.
     """
-    from mmalign.reports.html import render_report, write_report
+    from mmalign.reports.cli import read_samples
+    from mmalign.reports.html import render_full_report, write_report
 
     context = prepare_run(config, run_dir)
     run_dir, timer = context.run_dir, context.timer
@@ -277,9 +279,11 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
     write_atomic(run_dir / "controls.json", json.dumps(controls, indent=2))
 
     with timer.stage("report"):
-        html = render_report(
+        metrics_log = run_dir / "train_metrics.jsonl"
+        samples = read_samples(metrics_log) if metrics_log.is_file() else None
+        html = render_full_report(
             results, title=f"mmalign alignment report: {config.name}", controls=controls,
-            config=config.model_dump(), manifest=manifest, stage_times=dict(timer.seconds),
+            config=config.model_dump(), manifest=manifest, stage_times=dict(timer.seconds), samples=samples,
         )
         report_path = run_dir / "report.html"
         write_report(report_path, html)

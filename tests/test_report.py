@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from mmalign.reports.html import METRIC_INFO, REQUIRED_COLUMNS, render_report, write_report
+from mmalign.reports.table import TABLE_SCRIPT
 
 LAYERS = range(6)
 GROUP_METRICS = ("sae_mse", "sae_fvu", "sae_l0")
@@ -68,6 +69,12 @@ def section_html(document: str, anchor: str) -> str:
 
 def svg_elements(document: str) -> list[str]:
     return re.findall(r"<svg\b.*?</svg>", document, flags=re.DOTALL)
+
+
+def assert_only_table_script(document: str) -> None:
+    """Check that the page's one script is the table script, inline and without attributes."""
+    assert document.lower().count("<script") == 1
+    assert "<script>" + TABLE_SCRIPT + "</script>" in document
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +154,7 @@ def test_render_report_escapes_hostile_strings() -> None:
         notes=[f"note {hostile} & 🙂"],
     )
 
-    assert "<script" not in document.lower()
+    assert_only_table_script(document)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in document
     assert "<b>bold</b>" not in document
     assert "l0 &lt;b&gt;bold&lt;/b&gt; &amp; &quot;x&quot;" in document
@@ -168,7 +175,8 @@ def test_render_report_has_no_external_resources() -> None:
     assert attributes, "the navigation links should be found"
     for target in attributes:
         assert target.startswith("#"), target
-    assert "<script" not in document.lower()
+    assert_only_table_script(document)
+    assert "default-src &#x27;none&#x27;" in document
     assert "<link" not in document.lower()
     assert "@import" not in document
     assert not re.search(r"url\(\s*['\"]?(?:https?:)?//", document)
@@ -223,9 +231,9 @@ def test_render_report_single_layer_metric() -> None:
 
 def test_render_report_unknown_metric_uses_name() -> None:
     results = make_results()
-    results.loc[results["metric"] == "sae_mse", "metric"] = "mutual_knn"
+    results.loc[results["metric"] == "sae_mse", "metric"] = "mystery_score"
     document = render(results)
-    assert "<h2>mutual_knn</h2>" in document
+    assert "<h2>mystery_score</h2>" in document
     assert "SAE reconstruction MSE" not in document
 
 
