@@ -26,7 +26,7 @@ def test_quick_run_writes_report_and_results(quick_run):
     results = pd.read_parquet(quick_run.results_path)
     assert list(results.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
     assert set(results["token_group"]) == {"image", "caption", "text", "pair", "image/text"}
-    assert set(results["layer"]) == {3, 29}
+    assert set(results["layer"]) == {-1, 3, 29}  # -1: caption bits per byte, not layer-specific
     expected = {"sae_mse", "sae_fvu", "sae_explained_variance", "sae_cosine", "sae_l0", "sae_l2_ratio", "sae_dead_latents",
                 "cka_linear", "cka_unbiased", "mutual_knn", "cknna", "svcca", "retrieval_i2t_r1", "retrieval_t2i_r5",
                 "modality_gap", "norm_ratio", "feature_jaccard", "ce_loss_recovered", "kl_score", "cka_linear@shuffled"}
