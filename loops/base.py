@@ -112,7 +112,7 @@ def get_treatment(name: str) -> Treatment:
 def _load_builtin() -> None:
     import importlib
 
-    for module in ("mmalign.loops.self_rewarding",):
+    for module in ("mmalign.loops.self_rewarding", "mmalign.loops.discovery"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

@@ -128,7 +128,11 @@ def run_treatment(config: RunConfig, name: str, checkpoint: Path) -> tuple[pd.Da
     from mmalign.loops.base import TreatmentContext, get_treatment
 
     treatment = get_treatment(name)
-    context = prepare_run(config)
+    # A checkpoint inside a run (RUN/checkpoints/NAME) is treated in that run, so its
+    # probes are reused and the treated checkpoints land beside the baseline.
+    inside_run = checkpoint.resolve().parent.name == "checkpoints"
+    run_dir = checkpoint.resolve().parent.parent if inside_run else None
+    context = prepare_run(config, run_dir, write_config=not inside_run)
     output_dir = context.run_dir / "treatments" / name
     treated = treatment.apply(checkpoint, TreatmentContext(context, output_dir, dict(config.treatment), config.seed))
     probes, _, _ = probe_stage(context)

@@ -120,11 +120,18 @@ def _load_data(config: RunConfig) -> tuple[ImageCaptionDataset, list[int], list[
     return dataset, train_rows, val_rows
 
 
-def prepare_run(config: RunConfig, run_dir: Path | None = None, device: torch.device | None = None) -> RunContext:
-    """Load the frozen models, the data and the vision features (from the cache when present)."""
+def prepare_run(config: RunConfig, run_dir: Path | None = None, device: torch.device | None = None,
+                write_config: bool = True) -> RunContext:
+    """Load the frozen models, the data and the vision features (from the cache when present).
+
+    Args:
+        write_config: Write the resolved config to `run_dir/config.yaml` (off when a
+            command works inside an existing run, such as `treat`).
+    """
     run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+    if write_config:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
     seed_everything(config.seed)
     timer = StageTimer()
     with timer.stage("load models"):
