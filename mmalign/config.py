@@ -132,6 +132,18 @@ class RunConfig(_Section):
         return probes
 
 
+def _fields_at(path: tuple) -> list[str]:
+    """Return the field names of the config section at `path` (empty path: the top level)."""
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        annotation = model.model_fields.get(str(part))
+        section = getattr(annotation, "annotation", None)
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return []
+        model = section
+    return list(model.model_fields)
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
@@ -139,7 +151,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         value = item.get("input")
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown field; remove it or check the spelling"
+            accepted = ", ".join(_fields_at(item["loc"][:-1]))
+            message = f"unknown field; remove it or check the spelling (accepted here: {accepted})"
         lines.append(f"  {field} = {value!r}: {message}")
     return "\n".join(lines)
 
