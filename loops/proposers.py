@@ -119,7 +119,7 @@ def extract_proposal(text: str) -> Proposal:
         for match in re.finditer(r"\{", candidate):
             try:
                 value, _ = decoder.raw_decode(candidate, match.start())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # the C decoder raises RecursionError on deep nesting
                 continue
             if isinstance(value, dict):
                 objects.append(value)
@@ -256,12 +256,20 @@ def chat_completions_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/v1/chat/completions"
 
 
+class _RejectRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns every redirect into an HTTPError, because urllib would resend the Authorization header to the new host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class HTTPProposer:
     """Proposals from an OpenAI-compatible chat-completions endpoint, one request per proposal.
 
     The API key is read from the environment variable ``api_key_env`` at each request and is
-    sent only in the ``Authorization`` header. It is never stored, logged or returned. A
-    failed request is logged and gives an empty output, which the loop counts as unparseable.
+    sent only in the ``Authorization`` header. It is never stored, logged or returned, and
+    redirects are not followed. A failed request is logged and gives an empty output, which
+    the loop counts as unparseable.
 
     Args:
         url: Base URL of the server, or the full ``.../chat/completions`` URL.
@@ -279,6 +287,7 @@ class HTTPProposer:
         self.model, self.api_key_env, self.n_proposals = model, api_key_env, n_proposals
         self.timeout_s, self.temperature, self.max_tokens = timeout_s, temperature, max_tokens
         self.context_entries = context_entries
+        self._opener = urllib.request.build_opener(_RejectRedirects)
 
     def propose(self, archive: list[ArchiveEntry], previous: Proposal | None, round_index: int) -> list[str]:
         body = json.dumps({
@@ -297,14 +306,14 @@ class HTTPProposer:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
                 record = json.loads(response.read(1 << 22).decode("utf-8"))
             content = record["choices"][0]["message"]["content"]
         except urllib.error.HTTPError as error:
             failure = f"HTTP status {error.code}"
         except (urllib.error.URLError, TimeoutError, OSError) as error:
             failure = f"request failed: {type(error).__name__}: {getattr(error, 'reason', error)}"
-        except (ValueError, KeyError, IndexError, TypeError) as error:
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as error:
             failure = f"invalid response: {type(error).__name__}: {error}"
         else:
             return content if isinstance(content, str) else ""

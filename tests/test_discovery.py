@@ -114,6 +114,7 @@ def test_extract_proposal_normalizes_name():
     ("{'name': 'single quotes', 'code': 'x'}", "no_json"),
     ('{"thought": "no code here", "name": "x"}', "missing_code"),
     ('{"thought": "t", "name": "x", "code": 42}', "missing_code"),
+    ('{"a":' * 4000, "no_json"),
 ])
 def test_extract_proposal_failure_kinds(text, kind):
     with pytest.raises(ProposalParseError) as error:
@@ -247,6 +248,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             data = json.dumps({"error": f"rejected {self.headers.get('Authorization')}"})
         encoded = data.encode("utf-8")
         self.send_response(status)
+        if status in (302, 307):
+            self.send_header("Location", "/elsewhere")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(encoded)))
         self.end_headers()
@@ -297,6 +300,17 @@ def test_http_proposer_mock_server(chat_server, sandbox, tmp_path, monkeypatch, 
     assert SECRET not in caplog.text
     assert SECRET not in (tmp_path / "archive.json").read_text()
     assert SECRET not in repr(vars(proposer))
+
+
+def test_http_proposer_rejects_redirects(chat_server, monkeypatch, caplog):
+    monkeypatch.setenv("DISCOVERY_TEST_KEY", SECRET)
+    chat_server.replies = [(307, ""), (302, "")]
+    proposer = HTTPProposer(f"http://127.0.0.1:{chat_server.server_address[1]}/v1/chat/completions", "mock-model",
+                            "DISCOVERY_TEST_KEY", n_proposals=2, timeout_s=10.0)
+    assert proposer.propose([], None, 0) == ["", ""]
+    assert [request["path"] for request in chat_server.requests] == ["/v1/chat/completions"] * 2
+    assert "HTTP status 307" in caplog.text
+    assert SECRET not in caplog.text
 
 
 def test_http_proposer_missing_key_variable(monkeypatch):
@@ -478,7 +492,6 @@ def test_sandboxed_training_lowers_dpo_loss(smollm2, sandbox):
     assert float(after) < math.log(2) - 0.01
 
 
-@pytest.mark.slow
 def test_treatment_end_to_end_and_resume(smollm2, tmp_path, monkeypatch):
     from mmalign.adapters.checkpoint import save_checkpoint
     from mmalign.config import ProbesConfig
