@@ -254,7 +254,7 @@ def run_checkpoints(context: RunContext) -> list[tuple[str, Path, str]]:
         save_checkpoint(context.new_adapter(), untrained, {**context.checkpoint_metadata(), "step": 0})
     listed = [("null:untrained", untrained, "none")]
     if context.config.eval.evaluate_steps:
-        # The last step checkpoint holds the same weights as final/, which is evaluated below.
+        # The last step checkpoint has the same weights as final/, which is evaluated below.
         listed += [(path.name, path, "none") for step, path in list_step_checkpoints(directory) if step != context.config.train.steps]
     listed.append(("final", directory / "final", "none"))
     return listed

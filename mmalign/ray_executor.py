@@ -1,7 +1,7 @@
 """Batch evaluation on a Ray cluster: each worker loads the frozen models once and takes a share.
 
 Workers write their results into the run's store (`results/parts/`), so every worker
-must see the run directory. On one machine that holds already. On a multi-node cluster,
+must see the run directory, which is automatic on one machine. On a multi-node cluster,
 the run directory and the cache (`MMALIGN_CACHE_DIR`) must be on a shared filesystem at
 the same path on every node. Probes are fitted (or loaded) by the driver before the workers
 start, so workers only read them.

@@ -1,4 +1,4 @@
-"""The quick preset end to end: every stage runs and the run directory holds its outputs."""
+"""The quick preset end to end: every stage runs and the run directory contains its outputs."""
 
 import json
 from pathlib import Path
