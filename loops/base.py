@@ -63,6 +63,14 @@ class Treatment(ABC):
         checkpoint already exists, so an interrupted treatment resumes.
         """
 
+    def report_tables(self, output_dir: Path) -> list[dict[str, Any]]:
+        """Return extra tables for the treatment's report section, read from `output_dir`.
+
+        Each table is a dict with `title`, `columns`, `rows` (lists of cells, one per
+        column) and optionally `note`. The default adds none.
+        """
+        return []
+
 
 _REGISTRY: dict[str, type[Treatment]] = {}
 

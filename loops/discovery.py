@@ -50,6 +50,7 @@ from mmalign.evaluate import Evaluator
 from mmalign.io import stable_hash, write_atomic
 from mmalign.lm import describe_lm, load_lm
 from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.discovery_report import read_archive_tables
 from mmalign.loops.losses import PREFERENCE_LOSSES, save_preference_loss
 from mmalign.loops.proposers import (
     ArchiveEntry, HTTPProposer, LMProposer, MutationProposer, ProposalParseError, Proposer, extract_proposal,
@@ -540,6 +541,10 @@ class LossDiscovery(Treatment):
     """
 
     name = "loss-discovery"
+
+    def report_tables(self, output_dir: Path) -> list[dict[str, Any]]:
+        """Return the round summaries and the whole archive as report tables."""
+        return read_archive_tables(output_dir / ARCHIVE_NAME)
 
     def apply(self, checkpoint: Path, context: TreatmentContext) -> list[TreatedCheckpoint]:
         """Run the pending rounds from `checkpoint` and return the best losses' adapters.

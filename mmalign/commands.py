@@ -156,7 +156,7 @@ def run_treatment(config: RunConfig, name: str, checkpoint: Path) -> tuple[pd.Da
     summary = [{"name": item.name, "directory": str(item.directory), "metrics": item.metrics, "cost": item.cost,
                 "samples": item.samples} for item in treated]
     write_atomic(output_dir / "treatment.json", json.dumps(summary, indent=2, default=str))
-    _treatment_report(context, name, results, treated, output_dir)
+    _treatment_report(context, name, results, treated, output_dir, treatment.report_tables(output_dir))
     return results, treated, output_dir
 
 
@@ -164,7 +164,8 @@ def _numeric(values: dict) -> dict[str, float]:
     return {key: float(value) for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def _treatment_report(context: RunContext, name: str, results: pd.DataFrame, treated: list, output_dir: Path) -> Path:
+def _treatment_report(context: RunContext, name: str, results: pd.DataFrame, treated: list, output_dir: Path,
+                      tables: list[dict] | None = None) -> Path:
     """Write `report.html` of a treatment: per-layer deltas, per-iteration metrics, cost and samples."""
     from mmalign.reports.html import render_full_report, write_report
 
@@ -175,6 +176,7 @@ def _treatment_report(context: RunContext, name: str, results: pd.DataFrame, tre
     entry = {
         "name": name, "baseline": "baseline", "iterations": [item.name for item in treated],
         "metrics": {item.name: _numeric(item.metrics) for item in treated}, "cost": cost,
+        "tables": tables or [],
     }
     samples = [{"checkpoint": item.name, "reference": sample.get("reference", ""), "generated": sample.get("caption", sample.get("generated", ""))}
                for item in treated for sample in item.samples[:5]]

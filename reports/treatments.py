@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from mmalign.reports.markup import escape, format_number, format_value
+from mmalign.reports.markup import MAX_TEXT_COLUMNS, escape, format_number, format_value
 from mmalign.reports.metric_info import DELTA_PREFIX, MetricInfo, describe_metric, order_metrics
 from mmalign.reports.metric_sections import PlotOptions, curves_figure, slug
 from mmalign.reports.plots import NULL_COLUMNS
@@ -42,6 +42,17 @@ class Treatment:
     iterations: list[str]
     metrics: dict[str, dict[str, object]] = field(default_factory=dict)
     cost: dict[str, object] = field(default_factory=dict)
+    tables: list["ExtraTable"] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExtraTable:
+    """A table a treatment adds to its section, such as a discovery archive or a retention matrix."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[object]]
+    note: str = ""
 
 
 def parse_treatments(treatments: Sequence[Mapping[str, object]]) -> list[Treatment]:
@@ -50,7 +61,8 @@ def parse_treatments(treatments: Sequence[Mapping[str, object]]) -> list[Treatme
     Args:
         treatments: Dicts with `name`, `baseline` (a checkpoint name), `iterations` (a list
             of checkpoint names), and optionally `metrics` (iteration -> {name: value}, or
-            a list of such dicts in iteration order) and `cost` (a dict).
+            a list of such dicts in iteration order), `cost` (a dict) and `tables` (a list
+            of dicts with `title`, `columns`, `rows` and optionally `note`).
 
     Returns:
         One `Treatment` per entry.
@@ -78,7 +90,26 @@ def parse_treatments(treatments: Sequence[Mapping[str, object]]) -> list[Treatme
         cost = entry.get("cost") or {}
         if not isinstance(cost, Mapping):
             raise ValueError(f"{where}: cost must be a dict of name -> value, got {type(cost).__name__}")
-        parsed.append(Treatment(str(entry["name"]), str(entry["baseline"]), iterations, metrics, dict(cost)))
+        tables = _parse_tables(entry.get("tables") or [], where)
+        parsed.append(Treatment(str(entry["name"]), str(entry["baseline"]), iterations, metrics, dict(cost), tables))
+    return parsed
+
+
+def _parse_tables(tables: object, where: str) -> list[ExtraTable]:
+    if isinstance(tables, (str, bytes, Mapping)) or not isinstance(tables, Sequence):
+        raise ValueError(f"{where}: tables must be a list of dicts with title, columns and rows, got {type(tables).__name__}")
+    parsed = []
+    for index, table in enumerate(tables):
+        if not isinstance(table, Mapping) or not {"title", "columns", "rows"} <= set(table):
+            raise ValueError(f"{where}: table {index} must be a dict with title, columns and rows, got {table!r:.200}")
+        columns = [str(column) for column in table["columns"]]
+        rows = [list(row) for row in table["rows"]]
+        for number, row in enumerate(rows):
+            if len(row) != len(columns):
+                raise ValueError(
+                    f"{where}: row {number} of table {table['title']!r} has {len(row)} cells for {len(columns)} columns"
+                )
+        parsed.append(ExtraTable(str(table["title"]), columns, rows, str(table.get("note", ""))))
     return parsed
 
 
@@ -131,8 +162,21 @@ def treatment_section(
             listed = ", ".join(f"<code>{escape(name)}</code>" for name in absent)
             parts.append(f"<p>These checkpoints have no rows in the results: {listed}.</p>")
         parts.append(_iteration_table(treatment))
+        for number, table in enumerate(treatment.tables, start=1):
+            parts.append(_extra_table(table, f"{anchor}-table-{number}"))
         parts.append(_delta_figures(frame, treatment, infos, options, anchor))
     return "".join(parts)
+
+
+def _extra_table(table: ExtraTable, table_id: str) -> str:
+    text_columns = 0
+    for column in range(min(len(table.columns), MAX_TEXT_COLUMNS)):
+        if not any(isinstance(row[column], str) for row in table.rows):
+            break
+        text_columns = column + 1
+    rows = ["".join(f"<td>{format_value(value)}</td>" for value in row) for row in table.rows]
+    note = f"<p>{escape(table.note)}</p>" if table.note else ""
+    return f"<h4>{escape(table.title)}</h4>{note}" + data_table(table_id, table.columns, rows, text_columns=text_columns)
 
 
 def _iteration_table(treatment: Treatment) -> str:
