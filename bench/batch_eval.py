@@ -367,8 +367,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=int, default=20, help="Number of checkpoints to evaluate in each arm.")
     parser.add_argument("--images", type=int, default=32,
                         help="Validation images (fewer when the dataset has under twice as many).")
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 12, 20, 29],
-                        help="LM layers to probe (SmolLM2-135M has layers 0..29).")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29],
+                        help="LM layers to probe (SmolLM2-135M has layers 0..29); the default is the demo's set, "
+                             "every third layer and the last.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch, BLAS and OpenMP threads in each arm's process (default: the libraries' defaults, "
                              "usually one per core).")
