@@ -104,6 +104,9 @@ class EvalConfig(_Section):
     ci_level: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals.")
     top_k: int = Field(10, ge=1, description="SAE features per image compared between image tokens and caption tokens.")
     knn_k: int = Field(10, ge=1, description="Neighbours for mutual k-NN and CKNNA (capped at n - 2).")
+    max_pair_images: int = Field(
+        4096, ge=4, description="Pairwise metrics (CKA, k-NN, SVCCA, retrieval, linear probe) use a seeded sample of at "
+        "most this many validation images, so their memory stays bounded; the n column reports the sample size.")
     splice_images: int = Field(16, ge=0, description="Validation images used for the CE-loss-recovered and KL scores (two extra LM passes per layer); 0 disables them.")
     bits_per_byte_images: int = Field(8, ge=0, description="Validation images whose caption likelihood is scored in bits per byte (byte-level and canonical tokens); 0 disables it.")
     evaluate_steps: bool = Field(True, description="mmalign run evaluates every step checkpoint, not only final/.")

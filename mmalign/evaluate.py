@@ -56,18 +56,29 @@ class _Group:
 
 @dataclass
 class _GroupBuilder:
+    """Accumulates one (layer, token group) batch by batch.
+
+    Mean hidden states are kept only for the images in `mean_rows` (all when None), so the
+    memory for pairwise metrics stays bounded however many images are evaluated.
+    """
+
     n_images: int
     sae: SAE
     top_k: int
+    mean_rows: np.ndarray | None = None
     stats: FidelityStats = field(init=False)
     means: np.ndarray = field(init=False)
     top_index: np.ndarray = field(init=False)
     top_mass: np.ndarray = field(init=False)
+    position: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         d_model, d_sae = int(self.sae.cfg.d_in), int(self.sae.cfg.d_sae)
         self.stats = FidelityStats.zeros(self.n_images, d_model, d_sae)
-        self.means = np.zeros((self.n_images, d_model))
+        rows = np.arange(self.n_images) if self.mean_rows is None else np.asarray(self.mean_rows)
+        self.position = np.full(self.n_images, -1)
+        self.position[rows] = np.arange(len(rows))
+        self.means = np.zeros((len(rows), d_model))
         self.top_index = np.full((self.n_images, self.top_k), -1)
         self.top_mass = np.zeros((self.n_images, self.top_k))
 
@@ -81,13 +92,24 @@ class _GroupBuilder:
             latents = self.sae.encode(tokens)
             reconstruction = self.sae.decode(latents)
         self.stats.update(tokens, reconstruction, latents, local + first_image)
-        counts = mask.sum(dim=1, keepdim=True).clamp(min=1).double()
+        positions = self.position[first_image : first_image + n_batch]  # [B]
+        sampled = positions >= 0
+        if sampled.any():
+            counts = mask[sampled].sum(dim=1, keepdim=True).clamp(min=1).double()
+            means = (hidden[sampled].double() * mask[sampled].unsqueeze(-1)).sum(dim=1) / counts  # [B_sampled, D]
+            self.means[positions[sampled]] = means.numpy()
         rows = slice(first_image, first_image + n_batch)
-        self.means[rows] = ((hidden.double() * mask.unsqueeze(-1)).sum(dim=1) / counts).numpy()
         self.top_index[rows], self.top_mass[rows] = topk_features(latents, local, n_batch, self.top_k)
 
     def build(self) -> _Group:
         return _Group(self.stats, self.means, self.top_index, self.top_mass)
+
+
+def pair_sample(n_images: int, limit: int, seed: int) -> np.ndarray | None:
+    """Return the sorted, seeded sample of images for pairwise metrics, or None to use all `n_images`."""
+    if n_images <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_images, size=limit, replace=False))
 
 
 def _derangement(n: int, seed: int) -> np.ndarray:
@@ -148,7 +170,18 @@ class Evaluator:
         self.max_caption_tokens, self.config, self.seed = max_caption_tokens, config, seed
         self.layers = sorted(probes)
         self.counts = bootstrap_counts(len(captions), config.n_bootstrap, seed)
-        self.shuffled = _derangement(len(captions), seed) if len(captions) >= 2 else None
+        # Pairwise metrics (CKA, k-NN, retrieval, linear probe) need every image's mean state
+        # at once, so they use a bounded sample with its own resamples when there are many images.
+        self.pair_rows = pair_sample(len(captions), config.max_pair_images, seed)
+        if self.pair_rows is None:
+            self.pair_counts, self.pair_categories = self.counts, list(categories)
+        else:
+            self.pair_counts = bootstrap_counts(len(self.pair_rows), config.n_bootstrap, seed + 1)
+            self.pair_categories = [categories[row] for row in self.pair_rows]
+            logger.info("pairwise metrics use a seeded sample of %d of %d images (eval.max_pair_images)",
+                        len(self.pair_rows), len(captions))
+        n_pair = len(captions) if self.pair_rows is None else len(self.pair_rows)
+        self.shuffled = _derangement(n_pair, seed) if n_pair >= 2 else None
         self.text = self._text_groups()
         # checkpoint -> (layer, token group, metric) -> bootstrap replicates, for paired differences
         self.replicates: dict[str, dict[tuple[int, str, str], np.ndarray]] = {}
@@ -158,7 +191,8 @@ class Evaluator:
         return [(start, min(start + size, n)) for start in range(0, n, size)]
 
     def _text_groups(self) -> dict[int, _Group]:
-        builders = {layer: _GroupBuilder(len(self.captions), self.probes[layer], self.config.top_k) for layer in self.layers}
+        builders = {layer: _GroupBuilder(len(self.captions), self.probes[layer], self.config.top_k, self.pair_rows)
+                    for layer in self.layers}
         for start, stop in progress(self._batches(), "text group", "batch"):
             batch = compose(self.lm, self.captions[start:stop], self.prompt, self.max_caption_tokens, None)
             hidden = capture_resid_post(self.lm, batch, self.layers)
@@ -179,8 +213,8 @@ class Evaluator:
         adapter.eval()
         lm, device = self.lm, self.lm.model.device
         n_images = len(self.captions)
-        image_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k) for layer in self.layers}
-        caption_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k) for layer in self.layers}
+        image_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k, self.pair_rows) for layer in self.layers}
+        caption_builders = {layer: _GroupBuilder(n_images, self.probes[layer], self.config.top_k, self.pair_rows) for layer in self.layers}
         splice_rows = min(self.config.splice_images, n_images)
         splice = {layer: [] for layer in self.layers}
         loss_sum, token_count = 0.0, 0
@@ -218,14 +252,14 @@ class Evaluator:
                 "feature_jaccard": mean_with_ci(np.nan_to_num(jaccard), self.counts, ci),
                 "feature_weighted_overlap": mean_with_ci(np.nan_to_num(weighted), self.counts, ci),
             })
-            add(layer, "pair", pair_metrics(image.means, text.means, self.counts, ci, self.config.knn_k))
+            add(layer, "pair", pair_metrics(image.means, text.means, self.pair_counts, ci, self.config.knn_k))
             if self.shuffled is not None:
-                shuffled = pair_metrics(image.means, text.means[self.shuffled], self.counts, ci, self.config.knn_k)
+                shuffled = pair_metrics(image.means, text.means[self.shuffled], self.pair_counts, ci, self.config.knn_k)
                 add(layer, "pair", {f"{name}@shuffled": value for name, value in shuffled.items()})
             if splice[layer]:
                 sums = {key: np.concatenate([part[key] for part in splice[layer]])[:splice_rows] for key in splice[layer][0]}
                 add(layer, "caption", splice_metrics(sums, bootstrap_counts(splice_rows, self.config.n_bootstrap, self.seed), ci))
-            probe = linear_probe_metrics(image.means, self.categories, self.counts, ci, self.seed)
+            probe = linear_probe_metrics(image.means, self.pair_categories, self.pair_counts, ci, self.seed)
             if probe:
                 add(layer, "image", probe)
         if self.config.bits_per_byte_images and len(self.prompt.before_image) == 1:
