@@ -55,3 +55,34 @@ def test_builder_fidelity_stats_cover_every_image() -> None:
 def test_max_pair_images_below_four_rejected() -> None:
     with pytest.raises(ValueError, match="max_pair_images"):
         EvalConfig(max_pair_images=2)
+
+
+def test_saved_sae_metrics_match_sae_lens_outputs(tmp_path) -> None:
+    """Metrics of a sae-lens SAE reloaded from disk equal formulas applied to its own encode/decode."""
+    from sae_lens import SAE
+
+    from mmalign.probes.fidelity import fidelity_metrics
+
+    source = tiny_sae()
+    with torch.no_grad():
+        source.b_enc.uniform_(-0.5, 0.5)
+    source.save_model(tmp_path / "sae")
+    sae = SAE.load_from_disk(tmp_path / "sae")
+    hidden = 3.0 + torch.randn(5, 4, 4)  # [B, L, D]
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[:, 3] = False
+    builder = _GroupBuilder(5, sae, top_k=2)
+    builder.add(hidden, mask, 0)
+    ours = {name: value.value for name, value in fidelity_metrics(builder.stats, np.ones((1, 5)), 0.95).items()}
+
+    x = hidden[mask].double()  # [M, D]
+    with torch.no_grad():
+        latents = sae.encode(hidden[mask]).double()
+        x_hat = sae.decode(sae.encode(hidden[mask])).double()
+    sse = ((x - x_hat) ** 2).sum()
+    variance = ((x - x.mean(dim=0)) ** 2).sum()
+    assert ours["sae_mse"] == pytest.approx(float(sse / x.numel()), rel=1e-6)
+    assert ours["sae_fvu"] == pytest.approx(float(sse / variance), rel=1e-6)
+    assert ours["sae_l0"] == pytest.approx(float((latents > 0).sum(dim=1).double().mean()), rel=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(x, x_hat, dim=1).mean()
+    assert ours["sae_cosine"] == pytest.approx(float(cosine), rel=1e-6)
