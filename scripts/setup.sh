@@ -14,8 +14,9 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     exit 0
 fi
 
-# 1. Debian data packages (Tux Paint stamps, WordNet) and the tools sync needs.
-APT_PACKAGES=(tuxpaint-stamps-default wordnet-base rsync openssh-server openssh-client)
+# 1. Debian data packages (Tux Paint stamps, WordNet), the tools sync needs, and Chromium,
+#    in which a test opens a generated report.
+APT_PACKAGES=(tuxpaint-stamps-default wordnet-base rsync openssh-server openssh-client chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
