@@ -120,7 +120,9 @@ def get_treatment(name: str) -> Treatment:
 def _load_builtin() -> None:
     import importlib
 
-    for module in ("mmalign.loops.self_rewarding", "mmalign.loops.discovery"):
+    builtin = ("mmalign.loops.self_rewarding", "mmalign.loops.discovery", "mmalign.loops.self_correcting",
+               "mmalign.loops.self_adapting", "mmalign.loops.bytelevel_treatment")
+    for module in builtin:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as error:

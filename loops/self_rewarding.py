@@ -3,8 +3,9 @@
 Adapted from Yuan et al. 2024, "Self-Rewarding Language Models" (arXiv 2401.10020). The
 prompts are images, the responses are captions and only the adapter trains. Iteration i:
 
-1. Sample `n_samples` captions per image from adapter M(i-1) and the LM
-   (`loops/sampling.py`).
+1. Sample `n_samples` captions per image from adapter M(i-1) and the LM, token by token
+   (`loops/sampling.py`), or byte by byte through the exact byte-level LM with
+   `sampler: bytelevel` (`loops/bytelevel_treatment.py`).
 2. Score every caption with the judge LM on the additive 5-point prompt, averaging
    `judge_samples` judgements (`loops/judge.py`). The judge is text-only and reads the
    image's reference caption in place of the image.
@@ -43,6 +44,7 @@ from mmalign.adapters.train import validation_loss
 from mmalign.io import stable_hash, write_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.bytelevel_ensemble import ByteModelConfig
 from mmalign.loops.judge import CaptionJudge, judge_agreement
 from mmalign.loops.losses import PREFERENCE_LOSSES, get_preference_loss, preference_reward_stats
 from mmalign.loops.sampling import sample_captions
@@ -83,6 +85,13 @@ class SelfRewardingOptions(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping by global norm; null disables it.")
     images_per_iteration: int | None = Field(64, ge=1, description="Training images sampled per iteration; null uses all.")
     seed: int | None = Field(None, description="Seed of the treatment; null uses the treatment context's seed.")
+    sampler: Literal["token", "bytelevel"] = Field(
+        "token", description="token: the LM's generate; bytelevel: byte by byte through the exact byte-level LM (slower)."
+    )
+    max_new_bytes: int = Field(96, ge=1, description="bytelevel sampler: caption length cap in bytes.")
+    byte_model: ByteModelConfig = Field(
+        default_factory=ByteModelConfig, description="bytelevel sampler: the run's LM alone, an ensemble or proxy-tuning."
+    )
 
     @field_validator("loss")
     @classmethod
@@ -201,17 +210,24 @@ def train_on_pairs(
     return {"preference_loss_first_epoch": epoch_losses[0], "preference_loss_last_epoch": epoch_losses[-1], **reward_stats}
 
 
-def parse_options(options: dict[str, Any]) -> SelfRewardingOptions:
+# Options that only the byte-level sampler reads; with `sampler: token` they stay out of the
+# fingerprint, so treatments made before these options existed still resume.
+BYTELEVEL_SAMPLER_OPTIONS = {"sampler", "max_new_bytes", "byte_model"}
+
+
+def parse_options(
+    options: dict[str, Any], model: type[SelfRewardingOptions] = SelfRewardingOptions, treatment: str = "self-rewarding"
+) -> SelfRewardingOptions:
     """Validate the `treatment:` mapping.
 
     Raises:
         ValueError: naming each invalid or unknown field and its value.
     """
     try:
-        return SelfRewardingOptions.model_validate(options)
+        return model.model_validate(options)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, item['loc']))} = {item.get('input')!r}: {item['msg']}" for item in error.errors())
-        raise ValueError(f"invalid self-rewarding treatment options: {problems}") from None
+        raise ValueError(f"invalid {treatment} treatment options: {problems}") from None
 
 
 def _mean(values: list[float]) -> float:
@@ -232,7 +248,7 @@ class _IterationOutcome:
 
     adapter: Adapter | None
     metrics: dict[str, float]
-    cost: dict[str, float]
+    cost: dict[str, float | str]  # seconds and counts, plus the sampler's name
     pairs: list[dict[str, Any]]
 
 
@@ -248,6 +264,7 @@ class SelfRewarding(Treatment):
     """
 
     name = "self-rewarding"
+    options_model: type[SelfRewardingOptions] = SelfRewardingOptions
 
     def apply(self, checkpoint: Path, context: TreatmentContext) -> list[TreatedCheckpoint]:
         """Run the iterations from `checkpoint` (M0) and return the trained checkpoints M1..Mk.
@@ -255,13 +272,14 @@ class SelfRewarding(Treatment):
         Raises:
             ValueError: for invalid options, or existing results made with other options.
         """
-        options = parse_options(context.options)
+        options = parse_options(context.options, self.options_model, self.name)
         run, lm = context.run, context.run.lm
         seed = options.seed if options.seed is not None else context.seed
         start, _ = load_checkpoint(Path(checkpoint), expect_vision=run.encoder.describe(), expect_lm=describe_lm(lm))
         start.eval().requires_grad_(False)
         # Raising `iterations` later extends a finished treatment, so it is not part of the fingerprint.
-        fingerprint = stable_hash([options.model_dump(exclude={"iterations"}), str(Path(checkpoint).resolve()), seed])
+        unused = BYTELEVEL_SAMPLER_OPTIONS if options.sampler == "token" else set()
+        fingerprint = stable_hash([options.model_dump(exclude={"iterations", *unused}), str(Path(checkpoint).resolve()), seed])
         judge: CaptionJudge | None = None
         encoder: SentenceEncoder | None = None
         start_loss = math.nan
@@ -300,6 +318,7 @@ class SelfRewarding(Treatment):
                 continue
 
             record["samples"] = _greedy_samples(run, outcome.adapter)
+            self.add_records(run, outcome.adapter, options, seed * 1000 + iteration, record)
             metadata = {
                 **run.checkpoint_metadata(),
                 "treatment": {"name": self.name, "iteration": iteration, "source": str(checkpoint),
@@ -314,6 +333,9 @@ class SelfRewarding(Treatment):
             policy = outcome.adapter
             treated.append(self._treated(iteration, directory, record))
         return treated
+
+    def add_records(self, run, adapter: Adapter, options: SelfRewardingOptions, seed: int, record: dict[str, Any]) -> None:
+        """Add a subclass's own measurements of a trained checkpoint to its record before it is written."""
 
     @staticmethod
     def _read_record(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -365,8 +387,15 @@ def _run_iteration(
     # 1. Sample captions from M(i-1).
     with torch.no_grad():
         visual = policy.eval()(vision_tokens.to(lm.model.device))  # [k, V, d_lm]
-    captions = sample_captions(lm, visual, prompt, options.n_samples, options.temperature, options.top_p,
-                               options.max_new_tokens, iteration_seed)
+    if options.sampler == "bytelevel":
+        # Imported here because that module subclasses this one's treatment.
+        from mmalign.loops.bytelevel_treatment import sample_for_iteration
+
+        captions, sampler_metrics, sampler_cost = sample_for_iteration(run, visual, options, iteration_seed)
+    else:
+        captions = sample_captions(lm, visual, prompt, options.n_samples, options.temperature, options.top_p,
+                                   options.max_new_tokens, iteration_seed)
+        sampler_metrics, sampler_cost = {}, {}
     flat_captions = [caption for group in captions for caption in group]
     flat_references = [reference_caption for reference_caption, group in zip(references, captions) for _ in group]
     sampled = time.perf_counter()
@@ -403,9 +432,10 @@ def _run_iteration(
         "n_identical_pairs_dropped": float(len(identical)),
         "chosen_reference_similarity": _mean([similarities[p.image * n + p.chosen] for p in pairs]),
         "rejected_reference_similarity": _mean([similarities[p.image * n + p.rejected] for p in pairs]),
+        **sampler_metrics,
     }
-    cost = {"samples_generated": float(len(flat_captions)), "judge_generations": float(judged.n_outputs),
-            "sampling_seconds": sampled - started, "judge_seconds": judged_at - sampled}
+    cost = {"sampler": options.sampler, "samples_generated": float(len(flat_captions)), "judge_generations": float(judged.n_outputs),
+            "sampling_seconds": sampled - started, "judge_seconds": judged_at - sampled, **sampler_cost}
     logger.info(
         "self-rewarding M%d: %d pairs from %d images; judge agreement pearson %.3f, spearman %.3f; %d parse failures",
         iteration, len(pairs), n_images, metrics["judge_pearson"], metrics["judge_spearman"], judged.n_failures,

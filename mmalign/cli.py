@@ -157,12 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     treat.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")
     treat.set_defaults(handler=_command_treat)
 
+    from mmalign.bytes_cli import register_cli as register_bytes
     from mmalign.reports.cli import register_cli as register_report
     from mmalign.sync import register_cli as register_sync
 
     register_report(commands)
 
     register_sync(commands)
+    register_bytes(commands)
     return parser
 
 
