@@ -161,6 +161,16 @@ def load_lm(spec: str) -> LanguageModel:
     raise ValueError(f"unknown LM spec form {kind!r} in {spec!r}; expected one of: {LM_SPEC_FORMS}")
 
 
+def _config_hash(config: dict[str, object]) -> str:
+    """Hash an LM config without its private entries, such as `_name_or_path`.
+
+    Those record where the weights were read from, so one model converted into two caches or
+    checkouts would otherwise get two hashes, and its probes and checkpoints would not match.
+    """
+    public = {key: value for key, value in config.items() if not key.startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def describe_lm(lm: LanguageModel) -> dict[str, object]:
     """Return the facts about an LM that go into checkpoints and manifests."""
     return {
@@ -169,5 +179,5 @@ def describe_lm(lm: LanguageModel) -> dict[str, object]:
         "n_layers": lm.n_layers,
         "d_model": lm.d_model,
         "vocab_size": int(lm.model.config.vocab_size),
-        "config_hash": hashlib.sha256(json.dumps(lm.model.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "config_hash": _config_hash(lm.model.config.to_dict()),
     }

@@ -84,3 +84,11 @@ def test_vision_bad_specs():
         load_vision_encoder("bundled:clip-huge")
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         load_vision_encoder("open_clip:NotAModel@x")
+
+
+def test_lm_config_hash_ignores_load_path():
+    from mmalign.lm import _config_hash
+
+    base = {"hidden_size": 576, "num_hidden_layers": 30, "_name_or_path": "/cache/a"}
+    assert _config_hash(base) == _config_hash({**base, "_name_or_path": "/other/checkout/b"})
+    assert _config_hash(base) != _config_hash({**base, "hidden_size": 960})
