@@ -26,7 +26,7 @@ few steps on the training captions, and N checkpoints saved as seeded random per
 of one freshly initialized linear adapter. Everything is written under a temporary folder.
 
 Run: MMALIGN_CACHE_DIR=/tmp/mmcache .venv/bin/python bench/batch_eval.py \
-    [--checkpoints 20] [--images 32] [--layers 3 12 20 29] [--threads 1]
+    [--checkpoints 20] [--images 32] [--layers 0 3 6 ... 27 29] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ from mmalign.evaluate import Evaluator
 from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.pipeline import prepare_run, probe_stage
 from mmalign.probes.fidelity import FidelityStats, fidelity_metrics
-from mmalign.probes.metrics import bootstrap_counts, linear_cka_with_ci
+from mmalign.probes.metrics import bootstrap_counts
+from mmalign.probes.similarity import linear_cka_with_ci
 from mmalign.probes.sae import load_sae_probe
 from mmalign.vision import load_vision_encoder
 

@@ -94,6 +94,19 @@ def _error_frame(checkpoint: str, treatment: str, message: str) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
+def evaluate_adapter(evaluator: Evaluator, directory: Path, adapter, vision_tokens, name: str, treatment: str):
+    """Evaluate a loaded checkpoint, with the LM's LoRA applied when the checkpoint carries one (`lm_lora/`).
+
+    Returns:
+        What `Evaluator.evaluate` returns.
+    """
+    if (Path(directory) / "lm_lora").is_dir():  # a treatment changed the LM too (self-adapting)
+        from mmalign.loops.self_adapting import evaluate_with_lm_lora
+
+        return evaluate_with_lm_lora(evaluator, Path(directory) / "lm_lora", adapter, vision_tokens, name, treatment)
+    return evaluator.evaluate(adapter, vision_tokens, name, treatment)
+
+
 def evaluate_checkpoints(
     evaluator: Evaluator,
     vision_tokens,
@@ -117,7 +130,7 @@ def evaluate_checkpoints(
         start = time.perf_counter()
         try:
             adapter, _ = load_checkpoint(directory, expect_vision=expect_vision, expect_lm=expect_lm)
-            frame, loss = evaluator.evaluate(adapter, vision_tokens, name, treatment)
+            frame, loss = evaluate_adapter(evaluator, directory, adapter, vision_tokens, name, treatment)
             frame["error"] = ""
             losses[name] = loss
             logger.info("evaluate: %s in %.1f s (validation caption loss %.4f)", name, time.perf_counter() - start, loss)
@@ -130,7 +143,9 @@ def evaluate_checkpoints(
 
 def metric_set_hash(config, probe_dir: Path, dataset_fingerprint: str, val_rows: list[int]) -> str:
     """Return the identity of everything that fixes the numbers of a checkpoint's results."""
-    return stable_hash([config.eval.model_dump(), config.adapter.prompt_style, config.adapter.prompt_prefix,
+    # The feature_* settings only choose report examples, so changing them reruns nothing.
+    eval_settings = config.eval.model_dump(exclude={name for name in type(config.eval).model_fields if name.startswith("feature_")})
+    return stable_hash([eval_settings, config.adapter.prompt_style, config.adapter.prompt_prefix,
                         config.adapter.chat_instruction, config.train.max_caption_tokens, str(probe_dir),
                         dataset_fingerprint, val_rows, config.seed, mmalign_version()])
 

@@ -10,6 +10,7 @@ import pandas as pd
 import yaml
 
 from mmalign.adapters.checkpoint import load_checkpoint
+from mmalign.batch_eval import evaluate_adapter
 from mmalign.config import ConfigError, RunConfig, load_config, parse_config
 from mmalign.evaluate import Evaluator, paired_deltas
 from mmalign.reports.results_io import write_results
@@ -145,7 +146,7 @@ def run_treatment(config: RunConfig, name: str, checkpoint: Path) -> tuple[pd.Da
         frames.append(frame)
         for item in treated:
             adapter, _ = load_checkpoint(item.directory, context.encoder.describe(), describe_lm(context.lm))
-            frame, loss = evaluator.evaluate(adapter, tokens, item.name, name)
+            frame, loss = evaluate_adapter(evaluator, item.directory, adapter, tokens, item.name, name)
             item.metrics.setdefault("validation_caption_loss", loss)
             frames.append(frame)
         results = pd.concat(frames, ignore_index=True)

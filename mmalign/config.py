@@ -94,6 +94,52 @@ class ProbesConfig(_Section):
     wordnet_glosses: int = Field(2000, ge=0, description="WordNet glosses added to the fitting text (0 disables WordNet).")
     max_text_tokens: int = Field(48, ge=4, description="Fitting texts are truncated to this many tokens.")
     lm_batch_size: int = Field(32, ge=1, description="Texts per LM forward pass when collecting activations.")
+    text_sources: list[str] = Field(
+        default_factory=lambda: ["wordnet", "captions"],
+        description="Fitting texts, read in order as a stream: wordnet (probes.wordnet_glosses glosses), captions (the "
+        "training captions), file:PATH (UTF-8, one text per non-empty line), hf:PATH[:COLUMN] (a datasets.save_to_disk "
+        "folder; column default text).",
+    )
+    max_fit_texts: int | None = Field(None, ge=1, description="Read at most this many texts per pass over the text sources; null reads them all.")
+    buffer_tokens: int = Field(65536, ge=8, description="Activations held per probed layer while fitting; SAE batches are drawn from this buffer, which is refilled from the text stream.")
+    checkpoint_every: int = Field(50, ge=1, description="Save the fitting state (SAE weights, Adam state, generators, text position) every this many steps, so an interrupted fit resumes.")
+
+    @field_validator("text_sources")
+    @classmethod
+    def _check_text_sources(cls, sources: list[str]) -> list[str]:
+        if not sources:
+            raise ValueError("probes.text_sources is an empty list; give at least one of wordnet, captions, file:PATH, hf:PATH[:COLUMN]")
+        for source in sources:
+            kind, colon, rest = source.partition(":")
+            if source in ("wordnet", "captions") or (kind in ("file", "hf") and colon and rest.strip()):
+                continue
+            raise ValueError(
+                f"probes.text_sources entry {source!r} is not a text source; accepted: wordnet, captions, "
+                "file:PATH (a text file, one text per line), hf:PATH[:COLUMN] (a Hugging Face dataset saved with save_to_disk)"
+            )
+        return sources
+
+    @field_validator("buffer_tokens")
+    @classmethod
+    def _check_buffer_tokens(cls, buffer_tokens: int, info) -> int:
+        max_text_tokens = info.data.get("max_text_tokens")
+        if max_text_tokens is not None and buffer_tokens < max_text_tokens:
+            raise ValueError(
+                f"probes.buffer_tokens = {buffer_tokens} cannot hold one text of probes.max_text_tokens = {max_text_tokens} "
+                "tokens; raise buffer_tokens or lower max_text_tokens"
+            )
+        return buffer_tokens
+
+    def hash_fields(self) -> dict[str, Any]:
+        """Return the fields that name a fitted probe set.
+
+        Fields added after probe directories were first named are left out while they keep
+        their default values, so probe sets fitted before they existed keep their names.
+        """
+        later_fields = ("text_sources", "max_fit_texts", "buffer_tokens", "checkpoint_every")
+        defaults = ProbesConfig.model_fields
+        unchanged = {name for name in later_fields if getattr(self, name) == defaults[name].get_default(call_default_factory=True)}
+        return self.model_dump(exclude=unchanged)
 
 
 class EvalConfig(_Section):
@@ -110,6 +156,11 @@ class EvalConfig(_Section):
     splice_images: int = Field(16, ge=0, description="Validation images used for the CE-loss-recovered and KL scores (two extra LM passes per layer); 0 disables them.")
     bits_per_byte_images: int = Field(8, ge=0, description="Validation images whose caption likelihood is scored in bits per byte (byte-level and canonical tokens); 0 disables it.")
     evaluate_steps: bool = Field(True, description="mmalign run evaluates every step checkpoint, not only final/.")
+    feature_examples: int = Field(4, ge=0, description="Validation images whose top SAE features are drawn on the patch grid in the report; 0 skips the feature descriptions and examples.")
+    feature_top_k: int = Field(5, ge=1, description="SAE latents listed per example image, ranked by activation summed over its image tokens.")
+    feature_contexts: int = Field(5, ge=1, description="Top-activating text contexts kept per SAE latent for its description.")
+    feature_texts: int | None = Field(500, ge=1, description="Fitting texts read for the feature descriptions (the first N); null reads all of them. Each text costs one more LM pass, about 0.13 s on 2 CPU cores for SmolLM2-135M.")
+    feature_max_density: float = Field(0.1, gt=0.0, le=1.0, description="Latents firing on more than this share of fitting-text tokens are dense and rank after all other latents in the examples (1 ranks all alike).")
 
 
 class RunConfig(_Section):

@@ -24,9 +24,10 @@ from mmalign.config import EvalConfig
 from mmalign.lm import LanguageModel
 from mmalign.probes.fidelity import FidelityStats, _fidelity_ratios, fidelity_metrics, feature_overlap, topk_features
 from mmalign.probes.linear import linear_probe_metrics
-from mmalign.probes.metrics import MetricValue, _interval, bootstrap_counts, linear_cka_with_ci, mean_with_ci
+from mmalign.probes.metrics import MetricValue, _interval, bootstrap_counts, mean_with_ci
 from mmalign.probes.similarity import (
     cknna_with_ci,
+    linear_cka_with_ci,
     modality_gap,
     mutual_knn_with_ci,
     norm_ratio,

@@ -27,8 +27,8 @@ from mmalign.features import compute_vision_features
 from mmalign.reports.results_io import write_results
 from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
-from mmalign.probes.corpus import wordnet_glosses
-from mmalign.probes.sae import default_layers, fit_sae_probes, load_pretrained_probes
+from mmalign.probes.corpus import iter_texts, open_text_sources
+from mmalign.probes.sae import FIT_SUMMARY, default_layers, fit_sae_probes, load_pretrained_probes
 from mmalign.vision import VisionEncoder, load_vision_encoder
 
 logger = logging.getLogger("mmalign.pipeline")
@@ -191,16 +191,32 @@ def probe_stage(context: RunContext) -> tuple[dict[int, "SAE"], Path, int]:
         source_dir = Path(config.probes.source.partition(":")[2].split("{layer}")[0] or ".")
         return probes, source_dir, 0
     with context.timer.stage("fit SAE probes"):
-        texts = wordnet_glosses(config.probes.wordnet_glosses, config.seed) + context.train_captions
-        probe_key = stable_hash([config.probes.model_dump(), describe_lm(lm), context.dataset.fingerprint(), config.seed])
+        sources = open_text_sources(config.probes.text_sources, wordnet_count=config.probes.wordnet_glosses,
+                                    seed=config.seed, captions=context.train_captions)
+        # Default settings hash as they did before text sources existed, so fitted probes stay in use.
+        # File and dataset sources add what identifies their content.
+        key_parts = [config.probes.hash_fields(), describe_lm(lm), context.dataset.fingerprint(), config.seed]
+        content = [source.fingerprint for source in sources if source.fingerprint]
+        probe_key = stable_hash(key_parts + [content] if content else key_parts)
         probe_dir = context.run_dir / "probes" / probe_key
-        probes = fit_sae_probes(lm, texts, layers, config.probes, config.seed, probe_dir)
-    return probes, probe_dir, len(texts)
+        probes = fit_sae_probes(lm, sources, layers, config.probes, config.seed, probe_dir)
+        summary_path = probe_dir / FIT_SUMMARY
+        if summary_path.is_file():
+            n_fit_texts = int(json.loads(summary_path.read_text())["n_fit_texts"])
+        else:  # probes fitted before summaries were written: count the texts without running the LM
+            n_fit_texts = sum(1 for _ in iter_texts(sources, config.probes.max_fit_texts))
+    return probes, probe_dir, n_fit_texts
 
 
 def build_manifest(context: RunContext, probe_dir: Path, n_fit_texts: int, checkpoints: dict[str, str]) -> dict[str, object]:
     """Return the provenance of a results table: models, data, probes, checkpoints and settings."""
     config, dataset = context.config, context.dataset
+    if config.probes.source == "fit":
+        architecture = {"standard": "standard (ReLU, L1)", "topk": f"topk (k={config.probes.k})", "jumprelu": "jumprelu (L0)"}
+        probe_settings = {"source": "fit", "architecture": architecture[config.probes.architecture], "d_sae": config.probes.d_sae,
+                          "text_sources": list(config.probes.text_sources), "steps": config.probes.steps}
+    else:
+        probe_settings = {"source": config.probes.source, "architecture": "as loaded (see each cfg.json)"}
     return {
         "mmalign_version": mmalign_version(),
         "git_commit": git_commit(),
@@ -209,8 +225,7 @@ def build_manifest(context: RunContext, probe_dir: Path, n_fit_texts: int, check
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_images": len(dataset),
                     "n_train": len(context.train_rows), "n_val": len(context.val_rows), "skipped": dict(dataset.skipped)},
         "probes": {"layers": sorted(int(p.name.removeprefix("layer_")) for p in probe_dir.glob("layer_*")),
-                   "directory": str(probe_dir), "architecture": "standard (ReLU, L1)", "d_sae": config.probes.d_sae,
-                   "n_fit_texts": n_fit_texts, "hash": stable_hash(sorted(str(p) for p in probe_dir.rglob("*.safetensors")))},
+                   "directory": str(probe_dir), **probe_settings, "n_fit_texts": n_fit_texts, "hash": stable_hash(sorted(str(p) for p in probe_dir.rglob("*.safetensors")))},
         "checkpoints": checkpoints,
         "dtype": "float32",
         "eval": config.eval.model_dump(),
@@ -246,6 +261,69 @@ def evaluate_stage(context: RunContext, probes: dict, probe_dir: Path, n_fit_tex
     return results, losses, manifest
 
 
+def feature_examples_stage(context: RunContext, probes: dict, probe_dir: Path) -> dict[str, object] | None:
+    """Describe the SAE latents and write `feature_examples.json` for a few validation images.
+
+    Latent descriptions come from one LM pass over the fitting texts (`probes.text_sources`,
+    at most `eval.feature_texts` of them) and are saved beside fitted probes, or under
+    `feature_descriptions/` for loaded ones. The examples use `checkpoints/final/`, and a
+    rerun with the same checkpoint, probes and settings reads the file back.
+
+    Returns:
+        The artifact, or None when `eval.feature_examples` is 0.
+    """
+    from mmalign.batch_eval import checkpoint_hash
+    from mmalign.probes.descriptions import describe_sae_latents, image_feature_examples
+    from mmalign.reports.features import FEATURES_FILE, FEATURES_FORMAT, encode_thumbnail
+
+    config, lm = context.config, context.lm
+    n_images = min(config.eval.feature_examples, len(context.val_rows))
+    if n_images == 0:
+        return None
+    sources = open_text_sources(config.probes.text_sources, wordnet_count=config.probes.wordnet_glosses,
+                                seed=config.seed, captions=context.train_captions)
+    limits = [limit for limit in (config.eval.feature_texts, config.probes.max_fit_texts) if limit is not None]
+    max_texts = min(limits) if limits else None
+    corpus_id = stable_hash([config.probes.text_sources, config.probes.wordnet_glosses, config.seed, context.train_captions,
+                             [source.fingerprint for source in sources], max_texts])
+    directory = probe_dir if config.probes.source == "fit" else context.run_dir / "feature_descriptions"
+    with context.timer.stage("feature descriptions"):
+        descriptions = describe_sae_latents(lm, probes, iter_texts(sources, max_texts), directory, config.eval.feature_contexts,
+                                            config.probes.lm_batch_size, config.probes.max_text_tokens, corpus_id=corpus_id)
+
+    # Evenly spaced validation images, so the examples are not all from one end of the split.
+    picks = sorted({int(i) for i in np.linspace(0, len(context.val_rows) - 1, n_images)})
+    rows = [context.val_rows[i] for i in picks]
+    final = context.run_dir / "checkpoints" / "final"
+    settings = [config.eval.feature_top_k, config.eval.feature_max_density, config.train.max_caption_tokens, context.prompt]
+    key = stable_hash([FEATURES_FORMAT, checkpoint_hash(final), {layer: record["key"] for layer, record in descriptions.items()},
+                       rows, settings, mmalign_version()])
+    path = context.run_dir / FEATURES_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            logger.warning("feature examples %s are unreadable (%s); writing them again", path, error)
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
+            logger.info("feature examples: reusing %s", path)
+            return saved
+    with context.timer.stage("feature examples"):
+        adapter, _ = load_checkpoint(final, expect_vision=context.encoder.describe(), expect_lm=describe_lm(lm))
+        captions = [context.dataset.items[row].caption for row in rows]
+        examples = image_feature_examples(
+            lm, adapter, context.tokens[rows], captions, context.prompt, config.train.max_caption_tokens,
+            probes, descriptions, config.eval.feature_top_k, config.eval.feature_max_density,
+        )
+        for row, image in zip(rows, examples["images"]):
+            item = context.dataset.items[row]
+            image.update(image_id=item.image_id, caption=item.caption, thumbnail_png_base64=encode_thumbnail(context.dataset.load_image(row)))
+        examples = {"format": FEATURES_FORMAT, "key": key, "checkpoint": "final", **examples}
+        write_atomic(path, json.dumps(examples, ensure_ascii=False))
+    logger.info("feature examples: %d images x %d layers written to %s", len(rows), len(descriptions), path)
+    return examples
+
+
 def run_checkpoints(context: RunContext) -> list[tuple[str, Path, str]]:
     """Return the run's checkpoints to evaluate: the untrained null, step checkpoints (if enabled), final."""
     directory = context.run_dir / "checkpoints"
@@ -265,7 +343,7 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
 
     Outputs in the run directory: `config.yaml` (resolved), `checkpoints/`, `probes/`,
     `train_metrics.jsonl`, `results/` and `results.parquet`, `controls.json`,
-    `manifest.json` and `report.html`.
+    `manifest.json`, `feature_examples.json` and `report.html`.
     """
     from mmalign.reports.cli import read_samples
     from mmalign.reports.html import render_full_report, write_report
@@ -276,6 +354,7 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
     controls = control_losses(context, adapter)
     probes, probe_dir, n_fit_texts = probe_stage(context)
     results, _, manifest = evaluate_stage(context, probes, probe_dir, n_fit_texts, run_checkpoints(context))
+    feature_examples = feature_examples_stage(context, probes, probe_dir)
 
     with timer.stage("control losses"):
         trained = validation_loss(context.lm, adapter, context.tokens[context.val_rows], context.val_captions,
@@ -291,6 +370,7 @@ def run_pipeline(config: RunConfig, run_dir: Path | None = None) -> RunResult:
         html = render_full_report(
             results, title=f"mmalign alignment report: {config.name}", controls=controls,
             config=config.model_dump(), manifest=manifest, stage_times=dict(timer.seconds), samples=samples,
+            feature_examples=feature_examples,
         )
         report_path = run_dir / "report.html"
         write_report(report_path, html)

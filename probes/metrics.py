@@ -142,24 +142,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
 
 
-def linear_cka_with_ci(x: np.ndarray, y: np.ndarray, counts: np.ndarray, ci_level: float) -> MetricValue:
-    """Linear CKA with a bootstrap interval over items (resampled rows, duplicates kept)."""
-    x64, y64 = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    gram_x, gram_y = x64 @ x64.T, y64 @ y64.T  # computed once; resamples index into them
-    n = x64.shape[0]
-    samples = np.empty(counts.shape[0])
-    for row, multiplicity in enumerate(counts):
-        index = np.repeat(np.arange(n), multiplicity.astype(int))
-        k, l = gram_x[np.ix_(index, index)], gram_y[np.ix_(index, index)]
-        k = k - k.mean(axis=0, keepdims=True) - k.mean(axis=1, keepdims=True) + k.mean()
-        l = l - l.mean(axis=0, keepdims=True) - l.mean(axis=1, keepdims=True) + l.mean()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            samples[row] = (k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum())
-    replicates = samples
-    low, high = _interval(replicates, ci_level)
-    return MetricValue(linear_cka(x64, y64), low, high, n, samples=replicates)
-
-
 def retrieval_hits(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """Return, per query i, 1.0 when gallery item i is its most cosine-similar item, else 0.0."""
     if queries.shape[0] != gallery.shape[0]:

@@ -7,6 +7,7 @@ and applying it to another LM or layer raises `ProbeMismatchError`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,23 +15,27 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
-from sae_lens import (
-    SAE,
-    JumpReLUTrainingSAE,
-    JumpReLUTrainingSAEConfig,
-    StandardTrainingSAE,
-    StandardTrainingSAEConfig,
-    TopKTrainingSAE,
-    TopKTrainingSAEConfig,
-)
-from sae_lens.saes.sae import SAEMetadata, TrainStepInput
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE
 
 from mmalign.capture import capture_resid_post
-from mmalign.adapters.compose import ComposedBatch
 from mmalign.config import ProbesConfig
+from mmalign.io import write_atomic
 from mmalign.lm import LanguageModel
+from mmalign.probes.corpus import TextSource
+from mmalign.probes.sae_stream import (
+    STATE_FILE,
+    StreamingSaeFitter,
+    _scaled_mean,
+    input_scale,
+    new_training_sae,
+    sae_coefficients,
+    sae_train_step,
+    text_batch,
+)
 from mmalign.progress import progress
 
 logger = logging.getLogger("mmalign.probes")
@@ -82,10 +87,11 @@ def default_layers(n_layers: int) -> list[int]:
 def collect_text_activations(
     lm: LanguageModel, texts: list[str], layers: list[int], batch_size: int, max_tokens: int
 ) -> dict[int, torch.Tensor]:
-    """Run texts through the LM and return each layer's residual stream at every text token.
+    """Run texts through the LM and return each layer's residual stream at every text token, all in memory.
 
-    Each text is run as `[start] text`; the start position (an attention sink with very
-    large norm) and padding are left out.
+    `fit_sae_probes` streams instead; this stays for fitting one tensor with `fit_sae` and
+    for comparisons. Each text is run as `[start] text`; the start position (an attention
+    sink with very large norm) and padding are left out.
 
     Returns:
         layer -> `[M, D]` activations of the M text tokens.
@@ -95,17 +101,7 @@ def collect_text_activations(
     encoded.sort(key=len)  # batches of similar length waste less padding
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in progress(range(0, len(encoded), batch_size), "text activations", "batch"):
-        chunk = encoded[start : start + batch_size]
-        length = 1 + max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), length), lm.end_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : 1 + len(ids)] = torch.tensor([lm.start_token_id] + ids)
-            attention_mask[row, : 1 + len(ids)] = 1
-        keep = attention_mask.bool().clone()
-        keep[:, 0] = False
-        device = lm.model.device
-        batch = ComposedBatch(lm.embed(input_ids.to(device)), attention_mask.to(device), input_ids, keep, keep)
+        batch, keep = text_batch(lm, encoded[start : start + batch_size])
         hidden = capture_resid_post(lm, batch, layers)
         for layer in layers:
             collected[layer].append(hidden[layer].float().cpu()[keep])
@@ -113,50 +109,31 @@ def collect_text_activations(
 
 
 def fit_sae(activations: torch.Tensor, config: ProbesConfig, seed: int, metadata: dict[str, object]):
-    """Fit an SAE (sae-lens `standard` ReLU + L1, `topk` or `jumprelu`) on `[M, D]` activations.
+    """Fit an SAE (sae-lens `standard` ReLU + L1, `topk` or `jumprelu`) on `[M, D]` activations in memory.
 
     For `jumprelu`, `l1_coefficient` is used as sae-lens's L0 coefficient.
 
     Inputs are scaled so the mean squared distance from their mean is D during fitting,
     so the L1 penalty weighs the same against reconstruction at every layer, whatever the
     size of the residual stream's constant component. The scale is folded into the
-    weights afterwards, so the returned SAE reads raw activations.
+    weights afterwards, so the returned SAE reads raw activations. The streaming fitter
+    takes the same steps when its buffer contains all of `activations`.
     """
-    torch.manual_seed(seed)
-    d_in = activations.shape[1]
-    centered = activations.double() - activations.double().mean(dim=0)
-    scale = float(torch.sqrt(d_in / (centered**2).sum(dim=1).mean()))
-    scaled = activations * scale
-    common = {"d_in": d_in, "d_sae": config.d_sae, "metadata": SAEMetadata(**metadata)}
-    if config.architecture == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
-    elif config.architecture == "jumprelu":
-        sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(l0_coefficient=config.l1_coefficient, **common))
-    else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=config.l1_coefficient, **common))
-    coefficients = {
-        name: getattr(value, "value", value) for name, value in sae.get_coefficients().items()
-    }
+    sae = new_training_sae(config, activations.shape[1], seed, metadata)
+    coefficients = sae_coefficients(sae)
+    scale = input_scale(activations)
     with torch.no_grad():
-        sae.b_dec.copy_(scaled.mean(dim=0))
+        sae.b_dec.copy_(_scaled_mean(activations, scale))
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     for step in range(config.steps):
-        rows = torch.randint(0, scaled.shape[0], (config.batch_tokens,), generator=generator)
-        output = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=scaled[rows], coefficients=coefficients,
-                dead_neuron_mask=None, n_training_steps=step, is_logging_step=False,
-            )
-        )
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
+        rows = torch.randint(0, activations.shape[0], (config.batch_tokens,), generator=generator)
+        sae_train_step(sae, optimizer, activations[rows] * scale, coefficients, step)
     sae.fold_activation_norm_scaling_factor(scale)
     return sae
 
 
-def _save_atomically(sae: StandardTrainingSAE, directory: Path) -> None:
+def _save_atomically(sae: TrainingSAE, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     try:
@@ -234,14 +211,27 @@ def load_pretrained_probes(source: str, lm: LanguageModel, layers: list[int], mo
     return probes
 
 
+FIT_SUMMARY = "fit_summary.json"
+
+
 def fit_sae_probes(
-    lm: LanguageModel, texts: list[str], layers: list[int], config: ProbesConfig, seed: int, directory: Path
+    lm: LanguageModel, texts: Sequence[str] | Sequence[TextSource], layers: list[int], config: ProbesConfig, seed: int,
+    directory: Path, on_step: Callable[[int], None] | None = None,
 ) -> dict[int, SAE]:
     """Fit (or reuse) one SAE probe per layer and save each under `directory/layer_LL/`.
 
-    Probes already on disk for this LM and layer are loaded, not refitted, so an
-    interrupted fit resumes with the missing layers.
+    The missing layers are fitted together by `StreamingSaeFitter`, so one LM forward pass
+    per text batch serves all of them and memory stays bounded by `probes.buffer_tokens`.
+    Probes already on disk for this LM and layer are loaded, not refitted. An interrupted
+    fit resumes from `directory/fit_state.pt`, which is deleted once every probe is saved.
+    `directory/fit_summary.json` records the text sources, texts and tokens of the fit.
+
+    Args:
+        texts: Text sources (see `open_text_sources`), or a list of texts.
+        on_step: Passed to `StreamingSaeFitter.fit`.
     """
+    if texts and isinstance(texts[0], str):
+        texts = [TextSource("texts", lambda texts=texts: iter(texts))]
     probes: dict[int, SAE] = {}
     missing = []
     for layer in layers:
@@ -255,18 +245,21 @@ def fit_sae_probes(
         return probes
 
     start = time.perf_counter()
-    activations = collect_text_activations(lm, texts, missing, config.lm_batch_size, config.max_text_tokens)
-    n_tokens = next(iter(activations.values())).shape[0]
-    logger.info("SAE probes: %d text tokens from %d texts in %.1f s", n_tokens, len(texts), time.perf_counter() - start)
-    for layer in progress(missing, "fit SAE probes", "layer"):
-        layer_start = time.perf_counter()
-        metadata = {
-            "model_name": lm.lm_id, "hook_name": hook_name(layer), "hook_layer": layer,
-            "context_size": config.max_text_tokens, "fitted_by": "mmalign", "n_fit_tokens": n_tokens,
-        }
-        sae = fit_sae(activations.pop(layer), config, seed + layer, metadata)
+    metadata = {
+        layer: {"model_name": lm.lm_id, "hook_name": hook_name(layer), "hook_layer": layer,
+                "context_size": config.max_text_tokens, "fitted_by": "mmalign"}
+        for layer in missing
+    }
+    fitter = StreamingSaeFitter(lm, missing, config, seed, metadata)
+    saes = fitter.fit(texts, directory / STATE_FILE, on_step)
+    for layer, sae in saes.items():
         path = directory / f"layer_{layer:02d}"
         _save_atomically(sae, path)
         probes[layer] = load_sae_probe(path, lm, layer)
-        logger.info("SAE probe for layer %d fitted in %.1f s", layer, time.perf_counter() - layer_start)
+    summary = {"text_sources": [source.name for source in texts], "n_fit_texts": fitter.n_fit_texts_,
+               "n_tokens_read": fitter.n_tokens_read_, "layers": missing, "steps": config.steps}
+    write_atomic(directory / FIT_SUMMARY, json.dumps(summary, indent=2))
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    logger.info("SAE probes: layers %s fitted in %.1f s on %d texts (%d tokens read)", missing,
+                time.perf_counter() - start, fitter.n_fit_texts_, fitter.n_tokens_read_)
     return dict(sorted(probes.items()))

@@ -1,7 +1,8 @@
 """The `mmalign report` command: render results files or run directories into one HTML page.
 
 A run directory contributes its `results.parquet` and, when present, `controls.json`,
-`manifest.json`, `config.yaml` and the sample captions logged in `train_metrics.jsonl`.
+`manifest.json`, `config.yaml`, the sample captions logged in `train_metrics.jsonl` and
+the top SAE features of example images in `feature_examples.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mmalign.reports.features import FEATURES_FILE, read_feature_examples
 from mmalign.reports.html import render_full_report, write_report
 from mmalign.reports.results_io import ResultsFormatError, read_many
 
@@ -35,6 +37,7 @@ class ReportInputs:
     manifests: dict[str, Any] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
+    feature_examples: dict[str, Any] = field(default_factory=dict)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +52,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Render one HTML report from results files or run directories. A run directory "
             "contributes its results.parquet and, when present, controls.json, manifest.json, "
-            "config.yaml and the sample captions in train_metrics.jsonl."
+            "config.yaml, the sample captions in train_metrics.jsonl and the feature examples in "
+            "feature_examples.json."
         ),
     )
     parser.add_argument(
@@ -101,6 +105,7 @@ def command_report(args: argparse.Namespace) -> int:
             samples=inputs.samples or None,
             heatmap_metrics=heatmaps,
             max_curve_checkpoints=args.max_curves,
+            feature_examples=_single_or_keyed(inputs.feature_examples) or None,
         )
         write_report(args.output, document)
     except (ResultsFormatError, ValueError, OSError) as error:
@@ -118,13 +123,14 @@ def collect_inputs(arguments: Sequence[str]) -> ReportInputs:
         arguments: Results files, run directories or glob patterns.
 
     Returns:
-        The results paths and the controls, manifests, configs and samples of every run
-        directory, keyed by run name.
+        The results paths and the controls, manifests, configs, samples and feature
+        examples of every run directory, keyed by run name.
 
     Raises:
         ResultsFormatError: If no input is given, a pattern matches nothing, a path does
             not exist, or a run directory has no results.parquet.
-        ValueError: If a run file is not valid JSON or YAML.
+        ValueError: If a run file is not valid JSON or YAML, or `feature_examples.json`
+            lacks fields the report reads.
     """
     if not arguments:
         raise ResultsFormatError("no results files given. Pass results.parquet files or run directories.")
@@ -177,6 +183,9 @@ def _load_run_files(directory: Path, name: str, inputs: ReportInputs, *, prefix_
     metrics = directory / "train_metrics.jsonl"
     if metrics.is_file():
         inputs.samples.extend(read_samples(metrics, prefix=f"{name}/" if prefix_samples else ""))
+    features = directory / FEATURES_FILE
+    if features.is_file():
+        inputs.feature_examples[name] = read_feature_examples(features)
 
 
 def _read_json(path: Path) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmalign.reports.features import features_section
 from mmalign.reports.markup import Section, json_block, render_page
 from mmalign.reports.metric_info import (
     DELTA_PREFIX,
@@ -97,6 +98,7 @@ def render_full_report(
     metric_info: Mapping[str, MetricInfo] | None = None,
     heatmap_metrics: Collection[str] | str | None = None,
     max_curve_checkpoints: int = 7,
+    feature_examples: Mapping[str, Any] | None = None,
 ) -> str:
     """Render results, controls, samples, treatments, comparisons, config and manifest as one page.
 
@@ -126,6 +128,9 @@ def render_full_report(
             `DEFAULT_HEATMAP_METRICS` (see `select_heatmap_metrics`).
         max_curve_checkpoints: Most checkpoints drawn as curves in one plot. With more,
             the curves show this many, evenly spaced in training order.
+        feature_examples: The contents of a run's `feature_examples.json`, or a dict of them
+            keyed by run name. Adds a section that draws each example image's top SAE
+            latents on its patch grid, and lets the page show `data:` images.
 
     Returns:
         The HTML document.
@@ -136,6 +141,7 @@ def render_full_report(
             non-numeric or non-integer values where numbers are needed, duplicate rows or
             `ci_low > ci_high`. Also if a control loss or stage time is not a number, or if
             samples, treatments or the comparison table are malformed.
+        FeatureExamplesError: If `feature_examples` lacks fields the section reads.
     """
     started = time.perf_counter()
     frame, failed = validate_results(results)
@@ -151,6 +157,7 @@ def render_full_report(
     if comparison is not None:
         validate_comparison(comparison)
     stage_body = stage_times_section(stage_times) if stage_times else None
+    features_body = features_section(feature_examples) if feature_examples else None
     if isinstance(notes, str):
         notes = [notes]
 
@@ -175,6 +182,8 @@ def render_full_report(
     if not ratios.empty:
         body = image_text_section(ratios, order_metrics(ratios["metric"], infos), infos, series_order, options)
         sections.append(Section("image-vs-text", "Image vs text tokens", body))
+    if features_body is not None:
+        sections.append(Section("feature-examples", "Top SAE features on image tokens", features_body))
     if parsed_treatments:
         sections.append(Section("treatments", "Treatments", treatment_section(frame, parsed_treatments, infos, options)))
     if comparison is not None:
@@ -197,6 +206,8 @@ def render_full_report(
     # Text from the inputs is escaped, quotes included, so only a real data table matches.
     has_table = any('class="data-table' in section.body for section in sections)
     document = render_page(title, _INTRO, sections, scripts=[TABLE_SCRIPT] if has_table else [])
+    if features_body is not None:
+        document = _allow_data_images(document)
     logger.info(
         "rendered report %r: %d metrics, %d series, %d characters in %.1f s",
         title,
@@ -206,6 +217,20 @@ def render_full_report(
         time.perf_counter() - started,
     )
     return document
+
+
+def _allow_data_images(document: str) -> str:
+    """Add `img-src data:` to the page's Content-Security-Policy, so inline base64 images show.
+
+    `data:` URLs are part of the page, so the page still makes no network request.
+    """
+    # NOTE: this edits the output of `render_page`; an image-source argument there would be cleaner.
+    # The policy is HTML-escaped inside the meta tag's content attribute. Escaped text from
+    # the inputs has `&quot;` in place of `"`, so only the real meta tag matches.
+    marker = 'http-equiv="Content-Security-Policy" content="default-src &#x27;none&#x27;; '
+    if document.count(marker) != 1:
+        raise ValueError("cannot find the Content-Security-Policy's default-src in the rendered page")
+    return document.replace(marker, marker + "img-src data:; ", 1)
 
 
 def select_heatmap_metrics(requested: Collection[str] | str | None, present: set[str]) -> frozenset[str] | None:

@@ -7,12 +7,12 @@ import torch
 from mmalign.probes.metrics import (
     bootstrap_counts,
     linear_cka,
-    linear_cka_with_ci,
     mean_with_ci,
     retrieval_hits,
     sae_metrics,
     sae_token_stats,
 )
+from mmalign.probes.similarity import linear_cka_with_ci
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from browser import Chromium, find_chromium
+from test_report_features import make_examples
 from test_report_full import SAMPLES, TREATMENTS, make_comparison, make_full_results, render_full
 
 # Each payload would set a flag or send a request if the report let it through unescaped.
@@ -36,7 +37,7 @@ def hostile_report(tmp_path_factory) -> Path:
     notes = [f"feature description: {text}" for text in INJECTIONS]
     document = render_full(
         make_full_results(), samples=samples, treatments=TREATMENTS, comparison=make_comparison(), notes=notes,
-        title=f"report {INJECTIONS[0]}",
+        title=f"report {INJECTIONS[0]}", feature_examples=make_examples(captions=INJECTIONS),
     )
     path = tmp_path_factory.mktemp("report") / "report.html"
     path.write_text(document, encoding="utf-8")
@@ -49,6 +50,8 @@ def page(browser, hostile_report):
         "injected": "String(window.__injected)",
         "sections": "document.querySelectorAll('section').length",
         "tables": "document.querySelectorAll('table.data-table').length",
+        "thumbnails": "Array.from(document.querySelectorAll('#feature-examples image, #feature-examples img'))"
+                      ".filter(node => (node.getAttribute('href') || node.getAttribute('src') || '').startsWith('data:')).length",
     })
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "report_screenshot.png").write_bytes(record.screenshot)
@@ -70,6 +73,10 @@ def test_report_no_request_left_page(page) -> None:
 def test_report_rendered_sections(page) -> None:
     assert page.evaluated["sections"] >= 5
     assert page.evaluated["tables"] >= 1
+
+
+def test_report_feature_thumbnails_load(page) -> None:
+    assert page.evaluated["thumbnails"] >= 1
 
 
 def test_report_screenshot_saved(page) -> None:
