@@ -80,7 +80,7 @@ class ProbesConfig(_Section):
     layers: list[int] | Literal["default"] = Field("default", description="LM layers to probe; 'default' is every third layer and the last.")
     source: str = Field(
         "fit",
-        description="fit: fit SAEs on text; disk:PATH with {layer}, e.g. disk:saes/layer_{layer}; "
+        description="fit: fit SAEs on text; disk:PATH with {layer} or {layer:02d}, e.g. disk:saes/layer_{layer}; "
         "sae_lens:RELEASE:SAE_ID with {layer}, e.g. sae_lens:gemma-scope-2b-pt-res-canonical:layer_{layer}/width_16k/canonical.",
     )
     model_name: str | None = Field(None, description="The model name loaded SAEs must record (default: the LM spec), e.g. gemma-2-2b for base-model SAEs applied to the -it model.")

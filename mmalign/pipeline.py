@@ -188,7 +188,7 @@ def probe_stage(context: RunContext) -> tuple[dict[int, "SAE"], Path, int]:
     if config.probes.source != "fit":
         with context.timer.stage("load SAE probes"):
             probes = load_pretrained_probes(config.probes.source, lm, layers, config.probes.model_name)
-        source_dir = Path(config.probes.source.partition(":")[2].split("{layer}")[0] or ".")
+        source_dir = Path(config.probes.source.partition(":")[2].split("{layer")[0] or ".")
         return probes, source_dir, 0
     with context.timer.stage("fit SAE probes"):
         sources = open_text_sources(config.probes.text_sources, wordnet_count=config.probes.wordnet_glosses,

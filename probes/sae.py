@@ -181,7 +181,10 @@ def load_sae_probe(directory: Path, lm: LanguageModel, layer: int, model_name: s
 
 
 def load_pretrained_probes(source: str, lm: LanguageModel, layers: list[int], model_name: str | None = None) -> dict[int, SAE]:
-    """Load one SAE per layer from `disk:PATTERN` or `sae_lens:RELEASE:SAE_ID_PATTERN` ({layer} substituted).
+    """Load one SAE per layer from `disk:PATTERN` or `sae_lens:RELEASE:SAE_ID_PATTERN`.
+
+    `{layer}` in the pattern becomes the layer number and `{layer:02d}` the zero-padded
+    one, as in the `layer_03` folders of probes fitted by mmalign.
 
     Raises:
         ValueError: for an unknown source form.
@@ -189,11 +192,11 @@ def load_pretrained_probes(source: str, lm: LanguageModel, layers: list[int], mo
         ProbeMismatchError: when an SAE does not fit the LM or layer.
     """
     kind, _, pattern = source.partition(":")
-    if "{layer}" not in pattern:
-        raise ValueError(f"probes.source {source!r} must contain {{layer}} so each layer gets its own SAE")
+    if "{layer}" not in pattern and "{layer:02d}" not in pattern:
+        raise ValueError(f"probes.source {source!r} must contain {{layer}} or {{layer:02d}} so each layer gets its own SAE")
     probes = {}
     for layer in layers:
-        target = pattern.replace("{layer}", str(layer))
+        target = pattern.replace("{layer:02d}", f"{layer:02d}").replace("{layer}", str(layer))
         if kind == "disk":
             probes[layer] = load_sae_probe(Path(target), lm, layer, model_name)
         elif kind == "sae_lens":

@@ -112,6 +112,24 @@ def test_evaluate_broken_checkpoint_becomes_error_row(quick_run, tmp_path):
     assert (results[results["checkpoint"] == "final"]["error"] == "").all()
 
 
+def test_evaluate_with_probes_loaded_from_disk(quick_run, tmp_path):
+    """SAEs saved in sae-lens's format load through probes.source and run the whole evaluation."""
+    from mmalign.batch_eval import expand_checkpoints
+    from mmalign.commands import run_evaluate
+
+    import yaml
+
+    probe_root = sorted(quick_run.run_dir.glob("probes/*/layer_03"))[0].parent
+    probes = {**yaml.safe_load(QUICK.read_text())["probes"], "source": f"disk:{probe_root}/layer_{{layer:02d}}"}
+    config = load_config(QUICK, {"output_dir": str(quick_run.run_dir.parent), "probes": probes})
+    final = quick_run.run_dir / "checkpoints" / "final"
+    results = pd.read_parquet(run_evaluate(config, expand_checkpoints([str(final)], None)))
+    assert (results["error"] == "").all()
+    fvu = results[(results["metric"] == "sae_fvu") & (results["token_group"] == "image")]
+    assert sorted(fvu["layer"]) == [3, 29]
+    assert fvu["value"].notna().all()
+
+
 def test_evaluate_empty_glob_is_an_error():
     from mmalign.batch_eval import expand_checkpoints
 
