@@ -12,7 +12,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 if TYPE_CHECKING:
     from mmalign.pipeline import RunContext
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mmalign.loops")
 
 ENTRY_POINT_GROUP = "mmalign.treatments"
+OptionsModel = TypeVar("OptionsModel", bound=BaseModel)
 
 
 @dataclass
@@ -73,6 +76,22 @@ class Treatment(ABC):
 
 
 _REGISTRY: dict[str, type[Treatment]] = {}
+
+
+def validate_options(model: type[OptionsModel], options: dict[str, Any], treatment: str) -> OptionsModel:
+    """Validate a treatment's `treatment:` mapping with its pydantic options model.
+
+    Raises:
+        ValueError: naming each invalid or unknown field, its value and the problem.
+    """
+    try:
+        return model.model_validate(options)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(map(str, item["loc"])) or "options"
+            problems.append(f"{where} = {item.get('input')!r}: {item['msg']}")
+        raise ValueError(f"invalid {treatment} treatment options: {'; '.join(problems)}") from None
 
 
 def register_treatment(cls: type[Treatment]) -> type[Treatment]:

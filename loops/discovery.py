@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmalign.adapters.base import Adapter
 from mmalign.adapters.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
@@ -49,7 +49,7 @@ from mmalign.adapters.compose import generate_captions
 from mmalign.evaluate import Evaluator
 from mmalign.io import stable_hash, write_atomic
 from mmalign.lm import describe_lm, load_lm
-from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment, validate_options
 from mmalign.loops.discovery_report import read_archive_tables
 from mmalign.loops.losses import PREFERENCE_LOSSES, save_preference_loss
 from mmalign.loops.proposers import (
@@ -134,11 +134,7 @@ def parse_options(options: dict[str, Any]) -> LossDiscoveryOptions:
     Raises:
         ValueError: naming each invalid or unknown field and its value.
     """
-    try:
-        return LossDiscoveryOptions.model_validate(options)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc']))} = {item.get('input')!r}: {item['msg']}" for item in error.errors())
-        raise ValueError(f"invalid loss-discovery treatment options: {problems}") from None
+    return validate_options(LossDiscoveryOptions, options, "loss-discovery")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Tables of the loss-discovery archive for the treatment's report section.
 
-The archive (`archive.json`) holds every proposal with its outcome and one summary per
+The archive (`archive.json`) contains every proposal with its outcome and one summary per
 round. The report shows both: the candidates sorted by round with their fitness or the
 reason they failed, and per round the valid rate and the kinds of failure.
 """

@@ -45,17 +45,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmalign.adapters.base import Adapter
 from mmalign.adapters.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
-from mmalign.adapters.compose import PromptTemplate, build_prompt, compose, generate_captions
+from mmalign.adapters.compose import PromptTemplate, build_prompt, compose
 from mmalign.adapters.train import validation_loss
 from mmalign.capture import caption_loss, capture_resid_post
 from mmalign.io import stable_hash, write_atomic
 from mmalign.lm import LanguageModel, describe_lm
-from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment, validate_options
 from mmalign.loops.sampling import sample_captions
+from mmalign.loops.self_rewarding import from_json, greedy_samples, json_ready, read_record
 from mmalign.pipeline import probe_stage
 from mmalign.probes.fidelity import FidelityStats, fidelity_metrics
 
@@ -67,7 +68,6 @@ DRIFT_NAME = "drift.json"
 RETENTION_NAME = "retention.json"
 LM_LORA_DIR = "lm_lora"
 ROUND_NAME = re.compile(r"^R\d+$")  # round directories R1, R2, ...
-N_SAMPLE_CAPTIONS = 8  # validation images captioned greedily by each treated checkpoint
 
 # Self-edit prompt per kind: (text after the image in the plain style, instruction in the chat style).
 SELF_EDIT_PROMPTS: dict[str, tuple[str, str]] = {
@@ -145,12 +145,7 @@ def parse_options(options: dict[str, Any]) -> SelfAdaptingOptions:
     Raises:
         ValueError: naming each invalid or unknown field and its value.
     """
-    try:
-        return SelfAdaptingOptions.model_validate(options)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'options'} = {item.get('input')!r}: {item['msg']}"
-                             for item in error.errors())
-        raise ValueError(f"invalid self-adapting treatment options: {problems}") from None
+    return validate_options(SelfAdaptingOptions, options, "self-adapting")
 
 
 # ReST-EM selection and held-out sets: pure functions.
@@ -698,7 +693,7 @@ class SelfAdapting(Treatment):
                 directory = context.output_dir / f"R{index}"
                 skip_record = context.output_dir / f"R{index}.skipped.json"
                 if (directory / METRICS_NAME).is_file() and (directory / CONFIG_NAME).is_file():
-                    record = _read_record(directory / METRICS_NAME, fingerprint)
+                    record = read_record(directory / METRICS_NAME, fingerprint)
                     adapter, _ = load_checkpoint(directory)
                     adapter.eval().requires_grad_(False)
                     lora_source = directory / LM_LORA_DIR
@@ -706,7 +701,7 @@ class SelfAdapting(Treatment):
                     logger.info("self-adapting R%d: found at %s; not run again", index, directory)
                     continue
                 if skip_record.is_file():
-                    _read_record(skip_record, fingerprint)
+                    read_record(skip_record, fingerprint)
                     logger.info("self-adapting R%d: skipped before (no self-edit with a positive reward); not run again", index)
                     continue
 
@@ -715,14 +710,14 @@ class SelfAdapting(Treatment):
                 if lora is None:
                     lora = LmLora.load(lm, lora_source) if lora_source is not None else LmLora.new(lm, options)
                 outcome = _Round(run, adapter, lora, probes, options, index, seed).run_round()
-                record = {"round": index, "fingerprint": fingerprint, "metrics": _json_ready(outcome["metrics"]), "cost": outcome["cost"]}
+                record = {"round": index, "fingerprint": fingerprint, "metrics": json_ready(outcome["metrics"]), "cost": outcome["cost"]}
                 if outcome["adapter"] is None:
                     logger.warning("self-adapting R%d: no self-edit had a positive reward; round skipped", index)
                     write_atomic(skip_record, json.dumps({**record, "skipped": "no self-edit with a positive reward"}, indent=2))
                     continue
 
                 adapter = outcome["adapter"]
-                record["samples"] = _greedy_samples(run, adapter)
+                record["samples"] = greedy_samples(run, adapter)
                 metadata = {
                     **run.checkpoint_metadata(),
                     "treatment": {"name": self.name, "round": index, "source": str(checkpoint), "options": options.model_dump(),
@@ -757,30 +752,11 @@ class SelfAdapting(Treatment):
         return retention_tables(metrics)
 
     def _treated(self, index: int, directory: Path, record: dict[str, Any]) -> TreatedCheckpoint:
-        return TreatedCheckpoint(name=f"{self.name}/R{index}", directory=directory, metrics=_from_json(record["metrics"]),
+        return TreatedCheckpoint(name=f"{self.name}/R{index}", directory=directory, metrics=from_json(record["metrics"]),
                                  samples=record.get("samples", []), cost=record["cost"])
 
 
-def _json_ready(values: dict[str, float]) -> dict[str, float | None]:
-    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
 
 
-def _from_json(values: dict[str, float | None]) -> dict[str, float]:
-    return {key: math.nan if value is None else value for key, value in values.items()}
 
 
-def _greedy_samples(run, adapter: Adapter) -> list[dict[str, str]]:
-    """Caption the first validation images greedily with the treated adapter and the LM as it is now."""
-    rows = run.val_rows[:N_SAMPLE_CAPTIONS]
-    with torch.no_grad():
-        visual = adapter(run.tokens[rows].to(run.lm.model.device))  # [n, V, d_lm]
-    captions = generate_captions(run.lm, visual, run.prompt)
-    return [{"reference": run.dataset.items[row].caption, "caption": caption} for row, caption in zip(rows, captions)]
-
-
-def _read_record(path: Path, fingerprint: str) -> dict[str, Any]:
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("fingerprint") != fingerprint:
-        raise ValueError(f"{path} was made from another checkpoint, seed or options; "
-                         "delete the treatment directory or use another output directory")
-    return record

@@ -43,16 +43,17 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmalign.adapters.base import Adapter
 from mmalign.adapters.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
 from mmalign.adapters.compose import IGNORE_INDEX, IMAGE_PLACEHOLDER, PromptTemplate, tokenize_captions
-from mmalign.io import stable_hash, write_atomic
+from mmalign.io import stable_hash
 from mmalign.lm import LanguageModel, describe_lm
-from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment, validate_options
 from mmalign.loops.judge import MAX_SCORE, CaptionJudge
 from mmalign.loops.sampling import rng_devices, sample_captions
+from mmalign.loops.self_rewarding import from_json, json_ready
 from mmalign.progress import progress
 from mmalign.sentence_encoder import SentenceEncoder
 
@@ -174,12 +175,7 @@ def parse_options(options: dict[str, Any]) -> SelfCorrectingOptions:
     Raises:
         ValueError: naming each invalid or unknown field and its value.
     """
-    try:
-        return SelfCorrectingOptions.model_validate(options)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc']))} = {item.get('input')!r}: {item['msg']}" if item["loc"] else item["msg"]
-                             for item in error.errors())
-        raise ValueError(f"invalid self-correcting treatment options: {problems}") from None
+    return validate_options(SelfCorrectingOptions, options, "self-correcting")
 
 
 # Losses and metrics: pure functions on tensors.
@@ -467,12 +463,6 @@ def train_on_attempts(
 
 # The treatment.
 
-def _json_ready(values: dict[str, float]) -> dict[str, float | None]:
-    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
-
-
-def _from_json(values: dict[str, float | None]) -> dict[str, float]:
-    return {key: math.nan if value is None else value for key, value in values.items()}
 
 
 def _mean_words(captions: list[str]) -> float:
@@ -661,7 +651,7 @@ class SelfCorrecting(Treatment):
                 logger.info("self-correcting M0: Acc@t1 %.3f, Acc@t2 %.3f", start_metrics["acc@t1"], start_metrics["acc@t2"])
             updated, metrics, cost, attempts, samples = _run_iteration(setup, policy, stage, seed * 1000 + position)
             metrics.update({f"{key}_start": value for key, value in start_metrics.items() if key.startswith(("acc@", "delta"))})
-            record = {"iteration": label, "fingerprint": fingerprints[stage], "metrics": _json_ready(metrics),
+            record = {"iteration": label, "fingerprint": fingerprints[stage], "metrics": json_ready(metrics),
                       "cost": cost, "samples": samples}
             metadata = {**run.checkpoint_metadata(),
                         "treatment": {"name": self.name, "iteration": label, "source": str(checkpoint),
@@ -688,5 +678,5 @@ class SelfCorrecting(Treatment):
         return _Setup(run, options, source, threshold, correction, start, eval_rows, run.config.train.max_caption_tokens, seed)
 
     def _treated(self, label: str, directory: Path, record: dict[str, Any]) -> TreatedCheckpoint:
-        return TreatedCheckpoint(name=f"{self.name}/{label}", directory=directory, metrics=_from_json(record["metrics"]),
+        return TreatedCheckpoint(name=f"{self.name}/{label}", directory=directory, metrics=from_json(record["metrics"]),
                                  samples=record.get("samples", []), cost=record["cost"])

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmalign.adapters.base import Adapter
 from mmalign.adapters.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
@@ -43,7 +43,7 @@ from mmalign.adapters.compose import IGNORE_INDEX, PromptTemplate, compose, gene
 from mmalign.adapters.train import validation_loss
 from mmalign.io import stable_hash, write_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
-from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment
+from mmalign.loops.base import TreatedCheckpoint, Treatment, TreatmentContext, register_treatment, validate_options
 from mmalign.loops.bytelevel_ensemble import ByteModelConfig
 from mmalign.loops.judge import CaptionJudge, judge_agreement
 from mmalign.loops.losses import PREFERENCE_LOSSES, get_preference_loss, preference_reward_stats
@@ -223,22 +223,35 @@ def parse_options(
     Raises:
         ValueError: naming each invalid or unknown field and its value.
     """
-    try:
-        return model.model_validate(options)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, item['loc']))} = {item.get('input')!r}: {item['msg']}" for item in error.errors())
-        raise ValueError(f"invalid {treatment} treatment options: {problems}") from None
+    return validate_options(model, options, treatment)
 
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _json_ready(values: dict[str, float]) -> dict[str, float | None]:
+def read_record(path: Path, fingerprint: str) -> dict[str, Any]:
+    """Read an iteration's record and check it was made with the same checkpoint, seed and options.
+
+    Raises:
+        ValueError: when the fingerprint differs, naming the file and what to do.
+    """
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{path} was made from another checkpoint, seed or options; "
+            "delete the treatment directory or use another output directory"
+        )
+    return record
+
+
+def json_ready(values: dict[str, float]) -> dict[str, float | None]:
+    """Replace NaN metric values with None, which JSON can store."""
     return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
 
 
-def _from_json(values: dict[str, float | None]) -> dict[str, float]:
+def from_json(values: dict[str, float | None]) -> dict[str, float]:
+    """Turn the None values of a stored record back into NaN."""
     return {key: math.nan if value is None else value for key, value in values.items()}
 
 
@@ -289,14 +302,14 @@ class SelfRewarding(Treatment):
             directory = context.output_dir / f"M{iteration}"
             skip_record = context.output_dir / f"M{iteration}.skipped.json"
             if (directory / METRICS_NAME).is_file() and (directory / CONFIG_NAME).is_file():
-                record = self._read_record(directory / METRICS_NAME, fingerprint)
+                record = read_record(directory / METRICS_NAME, fingerprint)
                 policy, _ = load_checkpoint(directory)
                 policy.eval().requires_grad_(False)
                 treated.append(self._treated(iteration, directory, record))
                 logger.info("self-rewarding M%d: found at %s; not run again", iteration, directory)
                 continue
             if skip_record.is_file():
-                self._read_record(skip_record, fingerprint)
+                read_record(skip_record, fingerprint)
                 logger.info("self-rewarding M%d: skipped before (no preference pairs); not run again", iteration)
                 continue
 
@@ -311,13 +324,13 @@ class SelfRewarding(Treatment):
             reference = start if options.reference == "start" else policy
             outcome = _run_iteration(run, policy, reference, judge, encoder, options, iteration, seed)
             outcome.metrics["val_caption_loss_start"] = start_loss
-            record = {"iteration": iteration, "fingerprint": fingerprint, "metrics": _json_ready(outcome.metrics), "cost": outcome.cost}
+            record = {"iteration": iteration, "fingerprint": fingerprint, "metrics": json_ready(outcome.metrics), "cost": outcome.cost}
             if outcome.adapter is None:
                 logger.warning("self-rewarding M%d: every image's captions tied or were unscored; iteration skipped", iteration)
                 write_atomic(skip_record, json.dumps({**record, "skipped": "no preference pairs"}, indent=2))
                 continue
 
-            record["samples"] = _greedy_samples(run, outcome.adapter)
+            record["samples"] = greedy_samples(run, outcome.adapter)
             self.add_records(run, outcome.adapter, options, seed * 1000 + iteration, record)
             metadata = {
                 **run.checkpoint_metadata(),
@@ -337,19 +350,9 @@ class SelfRewarding(Treatment):
     def add_records(self, run, adapter: Adapter, options: SelfRewardingOptions, seed: int, record: dict[str, Any]) -> None:
         """Add a subclass's own measurements of a trained checkpoint to its record before it is written."""
 
-    @staticmethod
-    def _read_record(path: Path, fingerprint: str) -> dict[str, Any]:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{path} was made from another checkpoint, seed or options; "
-                "delete the treatment directory or use another output directory"
-            )
-        return record
-
     def _treated(self, iteration: int, directory: Path, record: dict[str, Any]) -> TreatedCheckpoint:
         return TreatedCheckpoint(
-            name=f"{self.name}/M{iteration}", directory=directory, metrics=_from_json(record["metrics"]),
+            name=f"{self.name}/M{iteration}", directory=directory, metrics=from_json(record["metrics"]),
             samples=record.get("samples", []), cost=record["cost"],
         )
 
@@ -362,7 +365,7 @@ def _validation_loss(run, adapter: Adapter) -> float:
     )
 
 
-def _greedy_samples(run, adapter: Adapter) -> list[dict[str, str]]:
+def greedy_samples(run, adapter: Adapter) -> list[dict[str, str]]:
     """Caption the first validation images greedily with the treated adapter."""
     rows = run.val_rows[:N_SAMPLE_CAPTIONS]
     with torch.no_grad():

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_command_compare)
 
     treat = commands.add_parser("treat", help="Apply a treatment to a checkpoint and measure its effect on alignment.")
-    treat.add_argument("--treatment", required=True, help="Treatment name, e.g. self-rewarding.")
+    treat.add_argument("--treatment", required=True, help="Treatment name: self-rewarding, self-correcting, self-adapting, bytelevel, loss-discovery, or one a plugin registers.")
     treat.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="The checkpoint to treat (the baseline).")
     treat.add_argument("--config", type=Path, required=True, help="Run config with a `treatment:` mapping of the treatment's settings.")
     treat.add_argument("--output", type=Path, default=None, help="Directory under which the run directory is made.")

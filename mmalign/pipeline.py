@@ -25,7 +25,7 @@ from mmalign.data import ImageCaptionDataset, load_dataset, split_train_val
 from mmalign.evaluate import Evaluator
 from mmalign.features import compute_vision_features
 from mmalign.reports.results_io import write_results
-from mmalign.io import StageTimer, stable_hash, write_atomic, write_parquet_atomic
+from mmalign.io import StageTimer, stable_hash, write_atomic
 from mmalign.lm import LanguageModel, describe_lm, load_lm
 from mmalign.probes.corpus import iter_texts, open_text_sources
 from mmalign.probes.sae import FIT_SUMMARY, default_layers, fit_sae_probes, load_pretrained_probes

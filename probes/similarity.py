@@ -77,8 +77,8 @@ def _distinct_row_interval(
 
     Args:
         point: The statistic on all n images.
-        statistic: Maps an index array of distinct images to the statistic on them (NaN
-            when it is undefined for so few images; such resamples are left out).
+        statistic: Maps an index array of distinct images to the statistic on them. It returns
+            NaN when the statistic is undefined for so few images, and such resamples are left out.
         counts: `[n_boot, n]` multiplicities from `bootstrap_counts`.
         ci_level: Coverage of the interval.
     """

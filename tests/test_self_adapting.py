@@ -13,7 +13,6 @@ import torch
 
 from mmalign.adapters.checkpoint import save_checkpoint
 from mmalign.adapters.compose import build_prompt
-from mmalign.adapters.registry import build_adapter
 from mmalign.config import EvalConfig, ProbesConfig
 from mmalign.lm import describe_lm
 from mmalign.loops import self_adapting
@@ -24,9 +23,8 @@ from mmalign.loops.self_adapting import (
 )
 from mmalign.probes.sae import fit_sae_probes
 from mmalign.reports.retention import retention_matrix, retention_table, retention_tables
+from small_adapter import D_VISION, N_ENCODER_TOKENS, small_adapter
 
-D_VISION = 32
-N_ENCODER_TOKENS = 17  # CLS + a 4 x 4 patch grid
 ITEMS = [  # (caption, category)
     ("a red apple", "food"), ("a green pear", "food"), ("a slice of bread", "food"),
     ("a small dog", "animals"), ("a black cat", "animals"), ("a small dog", "animals"),
@@ -35,13 +33,6 @@ ITEMS = [  # (caption, category)
 ]
 TEXTS = ["a red apple on a table", "a small dog runs in the park", "the sun sets over the sea", "a wooden chair by a window"]
 
-
-def small_adapter(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_adapter({
-        "kind": "linear", "d_vision": D_VISION, "d_lm": 576, "pooled_grid": 2, "keep_cls": True,
-        "has_cls_token": True, "n_encoder_tokens": N_ENCODER_TOKENS,
-    })
 
 
 def lm_weights(lm) -> dict[str, torch.Tensor]:

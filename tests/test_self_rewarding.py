@@ -14,7 +14,6 @@ import torch
 
 from mmalign.adapters.checkpoint import save_checkpoint
 from mmalign.adapters.compose import build_prompt, compose
-from mmalign.adapters.registry import build_adapter
 from mmalign.capture import caption_loss
 from mmalign.lm import describe_lm
 from mmalign.loops import self_rewarding
@@ -25,22 +24,9 @@ from mmalign.loops.sampling import sample_captions
 from mmalign.loops.self_rewarding import (
     SelfRewarding, SelfRewardingOptions, caption_logprobs, parse_options, select_pairs, train_on_pairs,
 )
+from small_adapter import D_VISION, random_tokens, small_adapter
 
-D_VISION = 32
-N_ENCODER_TOKENS = 17  # CLS + a 4 x 4 patch grid
 CAPTIONS = ["a red apple", "a blue car on a road", "a small dog", "a wooden chair", "a green tree", "a yellow sun"]
-
-
-def small_adapter(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_adapter({
-        "kind": "linear", "d_vision": D_VISION, "d_lm": 576, "pooled_grid": 2, "keep_cls": True,
-        "has_cls_token": True, "n_encoder_tokens": N_ENCODER_TOKENS,
-    })
-
-
-def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, N_ENCODER_TOKENS, D_VISION, generator=torch.Generator().manual_seed(seed))  # [n, T, D]
 
 
 # Score parsing, pairing and agreement: no model needed.
